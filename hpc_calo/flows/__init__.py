@@ -1,0 +1,1 @@
+"""Conditional normalizing flows of iCaloFlow: architecture specs, presets and the nflows builders."""

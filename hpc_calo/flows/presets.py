@@ -1,0 +1,101 @@
+"""Named architectures and training defaults for the three flows.
+
+``ds2`` and ``ds3`` reproduce the reference iCaloFlow teachers (19,470,168 and 95,088,152 parameters for the
+three together) and may only be used with their own dataset. ``small`` and ``tiny`` fit any dataset and
+exist for the CPU quickstart and the tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hpc_calo.errors import UserError
+from hpc_calo.flows.build import FlowSpec
+from hpc_calo.geometry import N_LAYERS, Geometry
+
+FLOWS = (1, 2, 3)
+
+
+@dataclass(frozen=True)
+class FlowArch:
+    hidden: int
+    layers: int
+    student_hidden: int | None = None  # flow-1 has no student
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    dataset: str | None  # None: any dataset
+    arch: dict[int, FlowArch]
+    blocks: int = 8
+    bins: int = 8
+    tail_bound: float = 14.0
+    max_lr: dict[int, float] = field(default_factory=lambda: {1: 1e-4, 2: 1e-3, 3: 1e-3})
+    batch_size: int = 1000
+    epochs: dict[int, int] = field(default_factory=lambda: {1: 100, 2: 100, 3: 50})
+
+    def context(self, flow: int, geometry: Geometry) -> int:
+        v = geometry.voxels_per_layer
+        # flow-3: previous layer's V voxels, E_n, E_{n-1}, E_inc and a one-hot layer index over 44 classes.
+        return {1: 1, 2: 2, 3: v + 3 + (N_LAYERS - 1)}[flow]
+
+    def features(self, flow: int, geometry: Geometry) -> int:
+        return N_LAYERS if flow == 1 else geometry.voxels_per_layer
+
+    def spec(self, flow: int, geometry: Geometry, student: bool = False) -> FlowSpec:
+        if flow not in FLOWS:
+            raise UserError(f"flow must be one of 1, 2, 3, not {flow}")
+        if self.dataset is not None and self.dataset != geometry.name:
+            raise UserError(f"preset {self.name!r} is for {self.dataset}, but the data are {geometry.name}")
+        a = self.arch[flow]
+        hidden = a.hidden
+        if student:
+            if a.student_hidden is None:
+                raise UserError(f"flow-{flow} has no student (flow-1 stays a MAF)")
+            hidden = a.student_hidden
+        return FlowSpec(
+            features=self.features(flow, geometry),
+            context=self.context(flow, geometry),
+            hidden=hidden,
+            layers=a.layers,
+            blocks=self.blocks,
+            bins=self.bins,
+            tail_bound=self.tail_bound,
+            perm_seed=flow,
+        )
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("ds2", "ds2", {1: FlowArch(256, 1), 2: FlowArch(256, 2, 256), 3: FlowArch(256, 2, 384)}),
+        Preset("ds3", "ds3", {1: FlowArch(256, 1), 2: FlowArch(256, 2, 256), 3: FlowArch(256, 1, 256)}),
+        Preset(
+            "small",
+            None,
+            {1: FlowArch(64, 1), 2: FlowArch(128, 1, 128), 3: FlowArch(128, 1, 128)},
+            blocks=4,
+            epochs={1: 30, 2: 30, 3: 10},
+            max_lr={1: 1e-3, 2: 1e-3, 3: 1e-3},
+            batch_size=500,
+        ),
+        Preset(
+            "tiny",
+            None,
+            {1: FlowArch(16, 1), 2: FlowArch(16, 1, 16), 3: FlowArch(16, 1, 16)},
+            blocks=2,
+            bins=4,
+            epochs={1: 3, 2: 3, 3: 1},
+            max_lr={1: 3e-3, 2: 3e-3, 3: 3e-3},
+            batch_size=256,
+        ),
+    )
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise UserError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}") from None

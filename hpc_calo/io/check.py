@@ -1,0 +1,71 @@
+"""Validate a CaloChallenge file block by block and summarise it in one line."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from hpc_calo.errors import UserError
+from hpc_calo.geometry import E_INC_MAX_MEV, E_INC_MIN_MEV, Geometry
+from hpc_calo.io.hdf5 import CaloFile
+
+# Relative slack on the incident-energy range: real files store float64 values drawn up to the bounds.
+_E_SLACK = 1e-6
+
+
+@dataclass(frozen=True)
+class Summary:
+    path: str
+    dataset: str
+    n: int
+    e_min: float
+    e_max: float
+    response_mean: float  # mean of E_tot / E_inc
+    sparsity: float  # fraction of voxels that are zero
+
+    def line(self) -> str:
+        return (
+            f"{self.path}: {self.dataset}, {self.n} showers, E_inc {self.e_min:.4g}..{self.e_max:.4g} MeV, "
+            f"<E_tot/E_inc> {self.response_mean:.4f}, sparsity {self.sparsity:.4f}"
+        )
+
+
+def check_file(path: str | os.PathLike[str], geometry: Geometry | None = None) -> Summary:
+    """Read the whole file once; raise UserError naming the file and rows at the first problem."""
+    with CaloFile(path, geometry) as f:
+        if f.n == 0:
+            raise UserError(f"{f.path}: the file holds no showers")
+        e_min, e_max, resp_sum, zeros = np.inf, -np.inf, 0.0, 0
+        for b in f.blocks():
+            where = f"{f.path}: rows {b.start}-{b.stop}"
+            e, s = b.incident_energies, b.showers
+            if not np.all(np.isfinite(e)):
+                row = b.start + int(np.argmin(np.isfinite(e)))
+                raise UserError(f"{where}: incident_energies contain NaN or inf (first at row {row})")
+            if not np.all(np.isfinite(s)):
+                row = b.start + int(np.argmin(np.isfinite(s).all(axis=1)))
+                raise UserError(f"{where}: showers contain NaN or inf (first at row {row})")
+            if (s < 0).any():
+                row = b.start + int(np.argmax((s < 0).any(axis=1)))
+                raise UserError(f"{where}: showers contain negative energies (first at row {row})")
+            bad = (e < E_INC_MIN_MEV * (1 - _E_SLACK)) | (e > E_INC_MAX_MEV * (1 + _E_SLACK))
+            if bad.any():
+                row = int(np.argmax(bad))
+                raise UserError(
+                    f"{where}: incident energy {e[row]:.6g} MeV at row {b.start + row} is outside "
+                    f"[{E_INC_MIN_MEV:.0f}, {E_INC_MAX_MEV:.0f}] MeV"
+                )
+            e_min, e_max = min(e_min, float(e.min())), max(e_max, float(e.max()))
+            resp_sum += float((s.sum(axis=1, dtype=np.float64) / e).sum())
+            zeros += int(s.size - np.count_nonzero(s))
+        return Summary(
+            path=str(f.path),
+            dataset=f.geometry.name,
+            n=f.n,
+            e_min=e_min,
+            e_max=e_max,
+            response_mean=resp_sum / f.n,
+            sparsity=zeros / (f.n * f.geometry.n_voxels),
+        )

@@ -1,0 +1,197 @@
+"""CaloChallenge HDF5 files: a streaming reader and an atomic writer.
+
+Format: ``incident_energies`` (N, 1) float64 MeV and ``showers`` (N, 45*V) float32 MeV. Files may exceed RAM,
+so everything here works block by block.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import h5py
+import numpy as np
+
+from hpc_calo.atomic import atomic_path
+from hpc_calo.errors import UserError
+from hpc_calo.geometry import Geometry, infer_geometry
+
+E_KEY = "incident_energies"
+S_KEY = "showers"
+# Rows per block are chosen so one block of showers stays near this many bytes.
+DEFAULT_BLOCK_BYTES = 128 * 2**20
+# HDF5 chunks near 4 MiB: large enough for gzip to work well, small enough for cheap partial reads.
+CHUNK_BYTES = 4 * 2**20
+
+
+@dataclass(frozen=True)
+class Block:
+    start: int
+    incident_energies: np.ndarray  # (n,) float64, MeV
+    showers: np.ndarray  # (n, n_voxels) float32, MeV
+
+    @property
+    def stop(self) -> int:
+        return self.start + len(self.incident_energies)
+
+
+def rows_for_bytes(n_voxels: int, n_bytes: int = DEFAULT_BLOCK_BYTES) -> int:
+    return max(1, n_bytes // (4 * n_voxels))
+
+
+class CaloFile:
+    """A CaloChallenge file opened for block-wise reading; the structure is checked on open."""
+
+    def __init__(self, path: str | os.PathLike[str], geometry: Geometry | None = None) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise UserError(f"{self.path}: no such file")
+        try:
+            self._h5 = h5py.File(self.path, "r")
+        except OSError as err:
+            raise UserError(f"{self.path}: not a readable HDF5 file (truncated or corrupt): {err}") from None
+        try:
+            self._check_structure(geometry)
+        except BaseException:
+            self._h5.close()
+            raise
+
+    def _check_structure(self, geometry: Geometry | None) -> None:
+        for key in (E_KEY, S_KEY):
+            if key not in self._h5 or not isinstance(self._h5[key], h5py.Dataset):
+                raise UserError(f"{self.path}: missing dataset {key!r}")
+        e, s = self._h5[E_KEY], self._h5[S_KEY]
+        if e.ndim != 2 or e.shape[1] != 1:
+            raise UserError(f"{self.path}: {E_KEY} has shape {e.shape}, expected (N, 1)")
+        if s.ndim != 2:
+            raise UserError(f"{self.path}: {S_KEY} has shape {s.shape}, expected (N, voxels)")
+        if e.shape[0] != s.shape[0]:
+            raise UserError(f"{self.path}: {E_KEY} has {e.shape[0]} rows but {S_KEY} has {s.shape[0]}")
+        if geometry is None:
+            geometry = infer_geometry(s.shape[1])
+        elif s.shape[1] != geometry.n_voxels:
+            raise UserError(
+                f"{self.path}: showers have {s.shape[1]} voxels per row; "
+                f"{geometry.name} needs {geometry.n_voxels} (45 layers x {geometry.voxels_per_layer})"
+            )
+        self.geometry = geometry
+        self.n = int(s.shape[0])
+        self._chunk_rows = s.chunks[0] if s.chunks else 1
+
+    def __enter__(self) -> CaloFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._h5.close()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def read(self, start: int, stop: int) -> Block:
+        try:
+            e = np.asarray(self._h5[E_KEY][start:stop, 0], dtype=np.float64)
+            s = np.asarray(self._h5[S_KEY][start:stop], dtype=np.float32)
+        except OSError as err:
+            raise UserError(
+                f"{self.path}: rows {start}-{stop} cannot be read (truncated or corrupt): {err}"
+            ) from None
+        return Block(start=start, incident_energies=e, showers=s)
+
+    def blocks(
+        self, block_size: int | None = None, start: int = 0, stop: int | None = None
+    ) -> Iterator[Block]:
+        """Consecutive blocks of rows [start, stop); block size rounded to whole HDF5 chunks."""
+        stop = self.n if stop is None else min(stop, self.n)
+        rows = block_size or rows_for_bytes(self.geometry.n_voxels)
+        if rows >= self._chunk_rows:
+            rows -= rows % self._chunk_rows
+        for a in range(start, stop, rows):
+            yield self.read(a, min(a + rows, stop))
+
+
+def iter_blocks(
+    path: str | os.PathLike[str], geometry: Geometry | None = None, block_size: int | None = None
+) -> Iterator[Block]:
+    with CaloFile(path, geometry) as f:
+        yield from f.blocks(block_size)
+
+
+class CaloWriter:
+    """Append blocks of showers; the file appears at ``path`` only when the writer closes without error.
+
+    With ``n_total`` the datasets are preallocated and closing with fewer or more rows is an error.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        geometry: Geometry,
+        n_total: int | None = None,
+        compression: str | None = "gzip",
+        attrs: dict[str, object] | None = None,
+    ) -> None:
+        if compression not in (None, "none", "gzip"):
+            raise UserError(f"unknown compression {compression!r}: choose gzip or none")
+        self.path = Path(path)
+        self.geometry = geometry
+        self.n_total = n_total
+        self.compression = None if compression == "none" else compression
+        self.attrs = attrs or {}
+        self.n_written = 0
+        self._stack = ExitStack()
+
+    def __enter__(self) -> CaloWriter:
+        if not self.path.parent.exists():
+            raise UserError(f"{self.path}: directory {self.path.parent} does not exist")
+        if not os.access(self.path.parent, os.W_OK):
+            raise UserError(f"{self.path}: directory {self.path.parent} is not writable")
+        tmp = self._stack.enter_context(atomic_path(self.path))
+        self._h5 = self._stack.enter_context(h5py.File(tmp, "w"))
+        n_vox = self.geometry.n_voxels
+        n0 = self.n_total or 0
+        maxrows = self.n_total if self.n_total is not None else None
+        chunk_rows = max(1, min(rows_for_bytes(n_vox, CHUNK_BYTES), max(n0, 1)))
+        e_chunk_rows = max(chunk_rows, 1024) if self.n_total is None else max(1, min(1024, n0))
+        opts: dict[str, object] = {}
+        if self.compression:
+            opts = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+        self._e = self._h5.create_dataset(
+            E_KEY, shape=(n0, 1), maxshape=(maxrows, 1), dtype="f8", chunks=(e_chunk_rows, 1), **opts
+        )
+        self._s = self._h5.create_dataset(
+            S_KEY, shape=(n0, n_vox), maxshape=(maxrows, n_vox), dtype="f4", chunks=(chunk_rows, n_vox), **opts
+        )
+        for k, v in self.attrs.items():
+            self._h5.attrs[k] = v
+        return self
+
+    def write(self, incident_energies: np.ndarray, showers: np.ndarray) -> None:
+        e = np.asarray(incident_energies, dtype=np.float64).reshape(-1, 1)
+        s = np.asarray(showers, dtype=np.float32)
+        if s.ndim != 2 or s.shape[1] != self.geometry.n_voxels or s.shape[0] != e.shape[0]:
+            raise ValueError(f"block shapes {e.shape} / {s.shape} do not fit {self.geometry.name}")
+        a, b = self.n_written, self.n_written + len(e)
+        if self.n_total is None:
+            self._e.resize(b, axis=0)
+            self._s.resize(b, axis=0)
+        elif b > self.n_total:
+            raise ValueError(f"writing rows {a}-{b} past the declared {self.n_total}")
+        self._e[a:b] = e
+        self._s[a:b] = s
+        self.n_written = b
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None and self.n_total is not None and self.n_written != self.n_total:
+            exc = ValueError(f"{self.path}: wrote {self.n_written} showers, expected {self.n_total}")
+            self._stack.__exit__(type(exc), exc, None)
+            raise exc
+        self._stack.__exit__(exc_type, exc, tb)
