@@ -15,7 +15,7 @@ from hpc_calo.errors import UserError
 
 N_LAYERS = 45
 # 0.5 keV Geant4 cut divided by the sampling fraction 0.033; the official evaluation zeroes voxels below it.
-THRESHOLD_MEV = 0.01515
+THRESHOLD_MEV = 0.5e-3 / 0.033  # = 0.01515... MeV, exactly as the official code computes it
 E_INC_MIN_MEV = 1.0e3
 E_INC_MAX_MEV = 1.0e6
 R_MAX_MM = 41.85

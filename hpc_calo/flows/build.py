@@ -40,8 +40,11 @@ def permutations(spec: FlowSpec) -> list[torch.Tensor]:
     return perms
 
 
-def made_transform(spec: FlowSpec, hidden: int | None = None) -> transforms.Transform:
-    return transforms.MaskedPiecewiseRationalQuadraticAutoregressiveTransform(
+def made_transform(
+    spec: FlowSpec, hidden: int | None = None, cls: type | None = None
+) -> transforms.MaskedPiecewiseRationalQuadraticAutoregressiveTransform:
+    cls = cls or transforms.MaskedPiecewiseRationalQuadraticAutoregressiveTransform
+    return cls(
         features=spec.features,
         hidden_features=hidden or spec.hidden,
         context_features=spec.context,
@@ -57,6 +60,22 @@ def made_transform(spec: FlowSpec, hidden: int | None = None) -> transforms.Tran
     )
 
 
+class InverseSplineAutoregressiveTransform(transforms.MaskedPiecewiseRationalQuadraticAutoregressiveTransform):
+    """A student block: its one-pass direction applies the INVERSE spline to the MADE's parameters.
+
+    Wrapped in ``InverseTransform``, the student's sampling direction (z -> x) computes the spline parameters
+    from its z-side input and inverts the spline, which is exactly what inverting a teacher block needs: the
+    teacher's parameters for dimension i are a function of x_<i, hence of z_<i. So a perfect student's MADE
+    outputs equal the teacher's, and distillation can match them one to one (as the reference IAFRQS does).
+    """
+
+    def _elementwise_forward(self, inputs, autoregressive_params):
+        return self._elementwise(inputs, autoregressive_params, inverse=True)
+
+    def _elementwise_inverse(self, inputs, autoregressive_params):
+        return self._elementwise(inputs, autoregressive_params)
+
+
 def build_maf(spec: FlowSpec) -> flows.Flow:
     """Teacher: x -> z runs the MADE blocks directly (fast density, sequential sampling)."""
     steps: list[transforms.Transform] = []
@@ -70,11 +89,11 @@ def build_iaf(spec: FlowSpec, hidden: int | None = None) -> flows.Flow:
     """Student: the same block layout with every MADE inverted (one-pass sampling, sequential density).
 
     Block i of the student mirrors block i of the teacher, with the teacher's permutations, so that the
-    intermediate tensors of the two can be matched one to one by the distillation.
+    intermediate tensors and the MADE outputs of the two can be matched one to one by the distillation.
     """
     steps: list[transforms.Transform] = []
     for perm in permutations(spec):
-        steps.append(transforms.InverseTransform(made_transform(spec, hidden)))
+        steps.append(transforms.InverseTransform(made_transform(spec, hidden, InverseSplineAutoregressiveTransform)))
         steps.append(transforms.Permutation(perm))
     return flows.Flow(transforms.CompositeTransform(steps), distributions.StandardNormal([spec.features]))
 

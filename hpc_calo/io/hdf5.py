@@ -72,7 +72,10 @@ class CaloFile:
         if e.shape[0] != s.shape[0]:
             raise UserError(f"{self.path}: {E_KEY} has {e.shape[0]} rows but {S_KEY} has {s.shape[0]}")
         if geometry is None:
-            geometry = infer_geometry(s.shape[1])
+            try:
+                geometry = infer_geometry(s.shape[1])
+            except UserError as err:
+                raise UserError(f"{self.path}: {err}") from None
         elif s.shape[1] != geometry.n_voxels:
             raise UserError(
                 f"{self.path}: showers have {s.shape[1]} voxels per row; "

@@ -1,0 +1,37 @@
+# The two commands of the README: `make quickstart` (set up + run the whole pipeline on the embedded
+# synthetic default) and `make test` (set up + start a local SLURM cluster + run the tests).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.hpc-calo-installed
+# CPU wheel pinned: an unpinned torch pulls a multi-GB CUDA build. GPU clusters: see README.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup quickstart test lint slurm-up slurm-down bench
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+quickstart: setup
+	$(PY) -m launch.submit --cluster local --dataset ds2 --synthetic 3000 --preset tiny --showers 2000 --out runs/quickstart
+
+test: setup
+	bash slurm/local_cluster.sh up
+	$(VENV)/bin/ruff check .
+	HPC_CALO_REQUIRE_SLURM=1 $(PY) -m pytest --timeout=900 -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+slurm-up:
+	bash slurm/local_cluster.sh up
+
+slurm-down:
+	bash slurm/local_cluster.sh down

@@ -1,0 +1,160 @@
+"""``python -m bench.production [--quick] [--run RUN_DIR] [--out FILE.json]``: bulk-production throughput.
+
+Measures, side by side in one run and through the real command line: showers/s of the sampler with 1 and 2
+workers on the local, Ray and MPI backends; the gather's time as a fraction of the generation time (goal
+<= 10%); and the gather's peak RSS (measured alone in a fresh process, with the high-water mark reset just
+before it starts). Without ``--run`` it builds the test-sized run (tiny DS2 teachers trained one epoch on 40
+synthetic showers, randomly initialised students), so the figures are for that tiny model: they show the
+sampler's overheads and scaling, not the speed of a production model. GPU: not measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+PY = sys.executable
+BIN = Path(PY).parent
+LINE = re.compile(r"generated in ([\d.]+) s \(([\d.]+) showers/s\).*gathered in ([\d.]+) s")
+
+
+def build_run(root: Path) -> Path:
+    """The same run as the tests' ``tiny_run`` fixture, made through the real command lines."""
+    syn, store, run = root / "syn.h5", root / "store.zarr", root / "run"
+    for cmd in (
+        ["-m", "data_prep.synth", "--dataset", "ds2", "--showers", "40", "--out", str(syn), "--seed", "7"],
+        ["-m", "data_prep.convert", "--dataset", "ds2", str(syn), "--out", str(store), "--quiet"],
+        *(
+            ["-m", "hpc_calo.train", "--flow", str(k), "--store", str(store), "--preset", "tiny", "--out", str(run),
+             "--epochs", "1", "--threads", "1"]
+            for k in (1, 2, 3)
+        ),
+    ):  # fmt: skip
+        subprocess.run([PY, *cmd], check=True, capture_output=True)
+    code = (
+        "import sys, torch; from pathlib import Path; from hpc_calo.geometry import DS2; "
+        "from hpc_calo.models import FlowModel; torch.manual_seed(0); run = Path(sys.argv[1])\n"
+        "for k in (2, 3):\n"
+        "    (run / f'flow{k}_student').mkdir()\n"
+        "    FlowModel.from_preset(k, DS2, 'tiny', student=True).save(run / f'flow{k}_student' / 'best.pt')\n"
+    )
+    subprocess.run([PY, "-c", code, str(run)], check=True)
+    return run
+
+
+def sample(cmd_prefix: list[str], argv: list[str], env: dict[str, str]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    proc = subprocess.run([*cmd_prefix, *argv], capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    m = LINE.search(proc.stdout)
+    assert m, proc.stdout
+    gen, rate, gather = (float(x) for x in m.groups())
+    return {"wall_s": round(wall, 2), "generate_s": gen, "showers_per_s": rate, "gather_s": gather}
+
+
+_GATHER = """
+import json, sys, time
+from pathlib import Path
+from hpc_calo.sample.gather import gather
+from hpc_calo.sample.job import Output, prepare
+from hpc_calo.sample.plan import Request
+from hpc_calo.sample.worker import load_chain
+run, n, shard, parts, out, comp = sys.argv[1:7]  # sys.argv[7]: device
+req = Request(run_dir=Path(run), n=int(n), shard_size=int(shard), device=sys.argv[7])
+output = Output(path=Path(out), parts_dir=Path(parts), keep_parts=True, compression=comp)
+plan, pd, todo = prepare(req, output, load_chain(req))
+assert not todo
+def status(key):
+    return next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith(key)) * 1024
+before = status("VmRSS:")
+try:
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: measure the gather, not the model loading
+    reset = True
+except OSError:
+    reset = False
+t0 = time.perf_counter()
+gather(plan, pd, out, comp, keep_parts=True, progress=False)
+print(json.dumps({"seconds": time.perf_counter() - t0, "rss_before_mb": before / 2**20,
+                  "peak_rss_mb": status("VmHWM:") / 2**20, "hwm_reset": reset}))
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.production", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer showers (a smoke run)")
+    p.add_argument("--run", type=Path, help="run directory to benchmark (default: build the tiny test run)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (one worker per GPU)")
+    p.add_argument("--out", type=Path, help="also write the JSON here")
+    args = p.parse_args(argv)
+    n, shard = (60, 10) if args.quick else (400, 25)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    with tempfile.TemporaryDirectory(prefix="bench-prod-") as tmp:
+        root = Path(tmp)
+        run = args.run or build_run(root)
+        common = ["--run", str(run), "--showers", str(n), "--shard-size", str(shard), "--no-progress"]
+        common += ["--device", args.device]
+        sampler = [PY, "-m", "hpc_calo.sample"]
+        cases: dict[str, tuple[list[str], list[str]]] = {}
+        for w in (1, 2):
+            cases[f"local_{w}"] = (sampler, ["--backend", "local", "--workers", str(w)])
+            cases[f"ray_{w}"] = (sampler, ["--backend", "ray", "--workers", str(w)])
+            cases[f"mpi_{w}"] = ([str(BIN / "mpiexec"), "-n", str(w), *sampler], ["--backend", "mpi"])
+        results: dict[str, Any] = {}
+        for name, (prefix, extra) in cases.items():
+            results[name] = sample(prefix, [*common, "--out", str(root / f"{name}.h5"), *extra], env)
+            print(name, results[name], file=sys.stderr)
+
+        gathers = {}
+        for comp in ("gzip", "none"):
+            out, parts = root / f"g_{comp}.h5", root / "g.parts"
+            if comp == "gzip":  # generate the parts once, keep them for both gathers
+                sample(sampler, [*common, "--out", str(out), "--parts-dir", str(parts), "--keep-parts"], env)
+            proc = subprocess.run(
+                [PY, "-c", _GATHER, str(run), str(n), str(shard), str(parts), str(out), comp, args.device],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            gathers[comp] = json.loads(proc.stdout)
+        gen_1 = results["local_1"].get("generate_s")
+        report = {
+            "bench": "production",
+            "quick": args.quick,
+            "showers": n,
+            "shard_size": shard,
+            "dataset": "ds2",
+            "model": str(args.run) if args.run else "tiny test run (1-epoch teachers, random-init students)",
+            "threads_per_worker": 1,
+            "cases": results,
+            "speedup_2_vs_1": {
+                b: round(results[f"{b}_2"]["showers_per_s"] / results[f"{b}_1"]["showers_per_s"], 2)
+                for b in ("local", "ray", "mpi")
+                if "showers_per_s" in results[f"{b}_1"] and "showers_per_s" in results[f"{b}_2"]
+            },
+            "gather": gathers,
+            "gather_fraction_of_generation": (
+                {c: round(g["seconds"] / gen_1, 4) for c, g in gathers.items()} if gen_1 else None
+            ),
+            "device": args.device,
+            "gpu": "not measured (no GPU on this machine)" if args.device == "cpu" else "see cases",
+            "machine": f"{os.cpu_count()} cores",
+            "date": time.strftime("%Y-%m-%d"),
+        }
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Full-chain generation time, ms per shower: teacher, plain-nflows student, fast student; DS2 and DS3.
+
+``python -m bench.sample [--quick] [--device cpu|cuda] [--out FILE.json]``
+
+Every chain is the real ``hpc_calo.generate.Chain`` (flow-1 MAF, flow-2, 44 x flow-3, preprocessing and its
+inverse, threshold) at the reference architectures with random weights. Variants:
+
+- ``teacher``: flows 2/3 teacher MAFs (V sequential passes per layer);
+- ``nflows_student``: the students through plain nflows (``flow._transform.inverse``) — in float64 this is the
+  reference stand-in (the reference code runs its students so);
+- ``fast``: the students through ``hpc_calo.flows.fast.FastStudent`` (eager), ``fast_compiled`` with the
+  ``torch.compile``d spline, ``fast_bf16`` with bf16 GEMMs (float32 spline).
+
+A cell is timed as the whole chain where that fits the per-cell cap; otherwise it is composed from measured
+parts, ``head`` (flow-1, flow-2, first decode) + 44 x ``step`` (one flow-3 layer with its preprocessing, the
+exact loop body of Chain), and marked ``"how": "composed"``; cells predicted to exceed the cap even so are
+``"skipped"`` with their prediction. Ratios are taken within this one run (the box is shared and noisy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import torch
+
+from hpc_calo import preprocess as pp
+from hpc_calo.generate import Chain, _RowNoise
+from hpc_calo.geometry import E_INC_MAX_MEV, E_INC_MIN_MEV, N_LAYERS, THRESHOLD_MEV, get_geometry
+from hpc_calo.models import FlowModel
+
+
+def build_chain(dataset: str, student: bool, dtype: torch.dtype, device: str, seed: int = 0) -> Chain:
+    torch.manual_seed(seed)
+    geo = get_geometry(dataset)
+    flows = {k: FlowModel.from_preset(k, geo, dataset, student=student and k > 1).to(device, dtype).eval()
+             for k in (1, 2, 3)}
+    return Chain(flows, geo, (E_INC_MIN_MEV, E_INC_MAX_MEV))
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _energies(n: int, seed: int) -> np.ndarray:
+    u = np.random.default_rng(seed).random(n)
+    return E_INC_MIN_MEV * (E_INC_MAX_MEV / E_INC_MIN_MEV) ** u
+
+
+@torch.no_grad()
+def parts(chain: Chain, batch: int, device: str) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """``head()`` and ``step()``: the chain's first part and one flow-3 layer, exactly as Chain runs them."""
+    f1, f2, f3 = chain.flows[1], chain.flows[2], chain.flows[3]
+    v = chain.geometry.voxels_per_layer
+    e = torch.as_tensor(_energies(batch, 1), device=device, dtype=chain.dtype)
+    noise = _RowNoise(0, 0, batch, torch.device(device), chain.dtype)
+
+    def head() -> torch.Tensor:
+        layer_e = pp.decode_layer_energy(f1.from_latent(noise.normal(N_LAYERS), f1.context1(e)))
+        layer_e = pp.apply_threshold(layer_e, THRESHOLD_MEV)
+        x = chain.from_latent[2](noise.normal(v), f2.context2(e, layer_e[:, 0]))
+        return pp.apply_threshold(pp.decode_shape(x, layer_e[:, 0]), THRESHOLD_MEV)
+
+    with torch.no_grad():
+        layer_e = pp.apply_threshold(pp.decode_layer_energy(f1.from_latent(noise.normal(N_LAYERS), f1.context1(e))),
+                                     THRESHOLD_MEV)
+        layer0 = head()
+    state = {"n": 1, "layer": layer0}
+
+    def step() -> torch.Tensor:
+        n = state["n"]
+        prev = pp.logit(pp.normalise(state["layer"] + pp.NOISE_MEV * noise.uniform(v))[0])
+        c = f3.context3(e, layer_e[:, n], layer_e[:, n - 1], prev, n)
+        x = chain.from_latent[3](noise.normal(v), c)
+        state["layer"] = pp.apply_threshold(pp.decode_shape(x, layer_e[:, n]), THRESHOLD_MEV)
+        state["n"] = n % (N_LAYERS - 1) + 1
+        return state["layer"]
+
+    return head, step
+
+
+def _time(fn: Callable[[], Any], device: str, reps: int, budget_s: float) -> tuple[float, int]:
+    """Median seconds of ``fn`` over up to ``reps`` runs (fewer when one run eats the budget); one warm-up."""
+    with torch.no_grad():
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        first = time.perf_counter() - t
+        times = []
+        n = max(1, min(reps, int(budget_s / max(first, 1e-9))))
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append(time.perf_counter() - t)
+    return statistics.median(times), n
+
+
+def time_cell(chain: Chain, batch: int, device: str, reps: int, cap_s: float, predicted_s: float | None
+              ) -> dict[str, Any]:
+    if predicted_s is not None and predicted_s > cap_s * 3:
+        return {"how": "skipped", "predicted_ms_per_shower": predicted_s * 1e3 / batch}
+    head, step = parts(chain, batch, device)
+    t_step, n_step = _time(step, device, reps, cap_s / 4)
+    t_head, n_head = _time(head, device, reps, cap_s / 8)
+    composed = t_head + (N_LAYERS - 1) * t_step
+    out: dict[str, Any] = {"ms_per_shower": composed * 1e3 / batch, "how": "composed",
+                           "head_ms_per_shower": t_head * 1e3 / batch, "layer_ms_per_shower": t_step * 1e3 / batch,
+                           "reps": min(n_step, n_head)}
+    if composed <= cap_s:
+        e = _energies(batch, 2)
+        t_full, n_full = _time(lambda: chain._sample_rows(torch.as_tensor(e, device=device, dtype=chain.dtype),
+                                                          _RowNoise(0, 0, batch, torch.device(device), chain.dtype)),
+                               device, reps, cap_s)
+        out.update(ms_per_shower=t_full * 1e3 / batch, how="full", reps=n_full,
+                   composed_ms_per_shower=composed * 1e3 / batch)
+    return out
+
+
+VARIANTS = ("teacher", "nflows_student", "fast", "fast_compiled", "fast_bf16")
+
+
+def make_chain(variant: str, dataset: str, dtype: torch.dtype, device: str) -> Chain:
+    chain = build_chain(dataset, variant != "teacher", dtype, device)
+    if variant == "fast":
+        chain.use_fast_students()
+    elif variant == "fast_compiled":
+        chain.use_fast_students(compile=True)
+    elif variant == "fast_bf16":
+        from hpc_calo.flows.fast import FastStudent
+
+        for k in (2, 3):
+            chain.from_latent[k] = FastStudent(chain.flows[k].flow, matmul_dtype=torch.bfloat16).to(device)
+    return chain
+
+
+def plan(quick: bool) -> list[tuple[str, str, torch.dtype, list[int]]]:
+    """(dataset, variant, dtype, batches): the cells of one run, cheapest first within each group."""
+    f32, f64 = torch.float32, torch.float64
+    if quick:
+        return [("ds2", v, d, [1, 100]) for v, d in
+                (("nflows_student", f64), ("nflows_student", f32), ("fast", f32), ("fast", f64))]
+    cells = []
+    for ds in ("ds2", "ds3"):
+        batches = [1, 100, 1000, 10000]
+        cells += [(ds, "nflows_student", f64, batches), (ds, "nflows_student", f32, batches),
+                  (ds, "fast", f32, batches), (ds, "fast", f64, batches),
+                  (ds, "fast_bf16", f32, [1000]), (ds, "teacher", f64, [1, 100]), (ds, "teacher", f32, [1, 100])]
+    cells.insert(5, ("ds2", "fast_compiled", f32, [1000, 10000]))
+    return cells
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.sample", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="DS2 only, batches 1 and 100, students only (~1 min)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device (default cpu)")
+    p.add_argument("--cap", type=float, default=25.0, help="seconds one timed chain may take (default 25)")
+    p.add_argument("--reps", type=int, default=5, help="max repetitions per timing (default 5)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: on a shared box, 2 threads make every small op wait for a "
+                        "descheduled thread, 20x slower at batch 1); 0: torch's default")
+    p.add_argument("--out", help="also write the JSON here")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda: no CUDA device is available", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    results: list[dict[str, Any]] = []
+    for ds, variant, dtype, batches in plan(args.quick):
+        t_build = time.perf_counter()
+        chain = make_chain(variant, ds, dtype, args.device)
+        if variant == "fast_compiled":  # compile once, outside the timings; report its cost
+            parts(chain, batches[0], args.device)[1]()
+        build_s = time.perf_counter() - t_build
+        prev: tuple[int, float] | None = None
+        for b in batches:
+            # Predicted seconds: ms/shower at the last smaller batch (an upper bound) x showers; batch 1 is
+            # dominated by per-op overhead, so it predicts nothing.
+            predicted = None if prev is None or prev[0] < 100 else prev[1] * 1e-3 * b
+            cell = time_cell(chain, b, args.device, args.reps, args.cap, predicted)
+            cell.update(dataset=ds, variant=variant, dtype=str(dtype).removeprefix("torch."), batch=b,
+                        setup_s=round(build_s, 2))
+            results.append(cell)
+            print(json.dumps(cell), file=sys.stderr, flush=True)
+            if "ms_per_shower" in cell:
+                prev = (b, cell["ms_per_shower"])
+        del chain
+    ratios = {}
+    for r in results:
+        ref = next((x for x in results if x["dataset"] == r["dataset"] and x["batch"] == r["batch"]
+                    and x["variant"] == "nflows_student" and x["dtype"] == "float64" and "ms_per_shower" in x), None)
+        if ref and "ms_per_shower" in r:
+            ratios[f"{r['dataset']}/{r['variant']}/{r['dtype']}/b{r['batch']}"] = round(
+                ref["ms_per_shower"] / r["ms_per_shower"], 2)
+    report = {
+        "bench": "sample", "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": "2-core shared CPU box, no GPU, other jobs running" if args.device == "cpu" else args.device,
+        "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "quick": args.quick, "wall_s": round(time.perf_counter() - t0, 1),
+        "speedup_vs_float64_nflows_student": ratios, "cells": results,
+    }
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0 if all(math.isfinite(c.get("ms_per_shower", 0.0)) for c in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Benchmark of the Ray Train path: samples/s with 1 and 2 workers, and its overhead against the plain loop.
+
+``python -m bench.train_ray [--quick] [--out FILE.json] [--gpus-per-worker G --dataset ds3 --preset ds3]``
+
+Flow-3 teacher (``small`` preset by default) on a synthetic DS2 pair store, the same steps for every
+variant, measured side by side in one run, interleaved and repeated (the box is shared and noisy):
+
+- ``plain``: ``python -m hpc_calo.train``'s single-process ``fit`` with one torch thread;
+- ``ray1``: the same job through Ray Train with one worker (1 CPU, DDP over gloo with world size 1);
+- ``ray2``: two Ray Train workers, each with half the global batch.
+
+samples/s counts the training examples (layer pairs) of the optimiser steps over the time ``fit`` spent in its
+loop (``train_s``, which excludes Ray start-up); the fixed cost of starting a worker group is reported apart
+(wall time of ``run_ray`` minus ``train_s``). The overhead of the Ray path is ``1 - ray1 / plain``.
+On a box where other jobs compete for the cores the wall-clock rates are noisy, so the CPU seconds per 1000
+samples (the process CPU time inside ``fit``, summed over the workers) are recorded too: the cost per sample
+on idle cores, and so the Ray overhead and the 2-worker efficiency, with little disturbance from neighbours.
+
+With ``--gpus-per-worker 1`` (on a GPU machine) the Ray workers train on GPUs with NCCL and the JSON also
+holds the peak GPU memory per worker (``torch.cuda.max_memory_allocated``); pass ``--dataset ds3 --preset ds3``
+for the reference DS3 flow-3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hpc_calo.errors import run_cli
+
+
+def make_store(root: Path, dataset: str, showers: int) -> Path:
+    from data_prep.convert import main as convert
+    from data_prep.synth import write_synthetic
+
+    h5 = write_synthetic(root / f"{dataset}.h5", dataset, showers, seed=1)
+    store = root / f"{dataset}.zarr"
+    if convert(["--dataset", dataset, str(h5), "--out", str(store), "--quiet"]) != 0:
+        raise RuntimeError("conversion failed")
+    return store
+
+
+def job(store: Path, out: Path, preset: str, batch: int, steps: int, device: str = "cpu") -> Any:
+    from hpc_calo.train.__main__ import build_job, build_parser
+
+    argv = ["--flow", "3", "--store", str(store), "--preset", preset, "--out", str(out), "--batch-size", str(batch),
+            "--max-steps", str(steps), "--checkpoint-every", str(10**9), "--log-every", str(10**9),
+            "--threads", "1", "--device", device]
+    return build_job(build_parser().parse_args(argv))
+
+
+def j_workers(name: str) -> int:
+    return 1 if name == "plain" else int(name.removeprefix("ray"))
+
+
+def run_variant(name: str, store: Path, root: Path, args: argparse.Namespace, rep: int) -> dict[str, Any]:
+    from hpc_calo.train.__main__ import run_local
+    from hpc_calo.train.distributed import RayConfig, run_ray
+
+    out = root / f"{name}-{rep}"
+    gpu = args.gpus_per_worker > 0
+    j = job(store, out, args.preset, args.batch, args.steps, "cuda" if gpu else "cpu")
+    t, cpu = time.perf_counter(), time.process_time()
+    if name == "plain":
+        summary = run_local(j)
+        summary["cpu_s"] = time.process_time() - cpu
+    else:
+        summary = run_ray(j, RayConfig(workers=j_workers(name), gpus_per_worker=args.gpus_per_worker))
+    wall = time.perf_counter() - t
+    shutil.rmtree(out, ignore_errors=True)
+    samples = summary["global_step"] * args.batch  # every step is a full global batch (steps < one epoch)
+    rec = {"variant": name, "rep": rep, "steps": summary["global_step"], "train_s": summary["train_s"],
+           "samples_per_s": samples / summary["train_s"], "wall_s": wall,
+           "startup_s": wall - summary["train_s"],
+           # CPU seconds of all workers per 1000 samples (rank 0's CPU time x workers): what the time per sample
+           # would be on idle cores, little disturbed by other jobs competing for them.
+           "cpu_s_per_1k_samples": summary["cpu_s"] * j_workers(name) / samples * 1000}
+    if "peak_gpu_memory_gb" in summary:
+        rec["peak_gpu_memory_gb_rank0"] = summary["peak_gpu_memory_gb"]
+    print(json.dumps(rec), file=sys.stderr, flush=True)
+    return rec
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.train_ray", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer steps and one repetition (a smoke run)")
+    p.add_argument("--dataset", default="ds2", choices=("ds2", "ds3"), help="synthetic dataset (default ds2)")
+    p.add_argument("--preset", default="small", help="flow preset (default small; ds3 for the reference DS3 size)")
+    p.add_argument("--showers", type=int, default=800,
+                   help="synthetic showers in the store (default 800: one epoch is longer than the run)")
+    p.add_argument("--batch", type=int, default=500, help="GLOBAL batch of layer pairs (default 500)")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps per run (default 60, quick 15)")
+    p.add_argument("--reps", type=int, default=None, help="repetitions of each variant (default 3, quick 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray worker (default 0: CPU)")
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = p.parse_args(argv)
+    args.steps = args.steps or (15 if args.quick else 60)
+    reps = args.reps or (1 if args.quick else 3)
+
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    root = Path(tempfile.mkdtemp(prefix="bench_ray_"))
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    records: list[dict[str, Any]] = []
+    try:
+        store = make_store(root, args.dataset, args.showers)
+        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=ray_tmp, log_to_driver=False)
+        variants: tuple[str, ...] = ("plain", "ray1", "ray2")
+        if args.gpus_per_worker > 0:
+            import torch
+
+            if torch.cuda.device_count() < 2 * args.gpus_per_worker:
+                variants = ("plain", "ray1")  # one GPU: no second worker to place
+        for rep in range(reps):  # interleaved: plain, ray1, ray2, plain, ...
+            for v in variants:
+                records.append(run_variant(v, store, root, args, rep))
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+    med = {v: statistics.median(r["samples_per_s"] for r in records if r["variant"] == v) for v in variants}
+    startup = {v: statistics.median(r["startup_s"] for r in records if r["variant"] == v) for v in variants}
+    cpu = {v: statistics.median(r["cpu_s_per_1k_samples"] for r in records if r["variant"] == v) for v in variants}
+    result = {
+        "bench": "train_ray",
+        "flow": 3, "dataset": args.dataset, "preset": args.preset, "global_batch": args.batch,
+        "steps": args.steps, "reps": reps, "device": "gpu" if args.gpus_per_worker > 0 else "cpu",
+        "samples_per_s_median": med,
+        "startup_s_median": startup,
+        "ray1_overhead_vs_plain": 1.0 - med["ray1"] / med["plain"],
+        "ray2_speedup_vs_ray1": med["ray2"] / med["ray1"] if "ray2" in med else None,
+        "cpu_s_per_1k_samples_median": cpu,
+        "ray1_cpu_overhead_vs_plain": cpu["ray1"] / cpu["plain"] - 1.0,
+        "ray2_cpu_per_sample_vs_ray1": cpu["ray2"] / cpu["ray1"] if "ray2" in cpu else None,
+        "records": records,
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

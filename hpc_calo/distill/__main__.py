@@ -1,0 +1,136 @@
+"""``python -m hpc_calo.distill``: train the IAF student of flow 2 or 3 from its trained teacher, resumably.
+
+The teacher is ``RUN_DIR/flow{k}/best.pt``; the student trains in ``RUN_DIR/flow{k}_student/`` through the
+same training loop (``hpc_calo.train.loop.fit``) and, with ``--workers``, the same Ray Train path as the
+teachers. Its ``best.pt`` is the student with the lowest validation KL; the generation chain picks it up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hpc_calo.data.store import open_store
+from hpc_calo.distill.pdd import DistillModel, PDDConfig
+from hpc_calo.errors import UserError, run_cli
+from hpc_calo.flows.presets import get_preset
+from hpc_calo.models import FlowModel, load_flow_model
+from hpc_calo.train.__main__ import Job, flow_dir_name
+from hpc_calo.train.checkpoint import read_run
+from hpc_calo.train.config import DTYPES, TrainConfig
+from hpc_calo.train.distributed import add_ray_arguments, ray_config, run_ray
+from hpc_calo.train.loop import fit
+
+
+@dataclass
+class DistillJob(Job):
+    """A training Job whose model is teacher + student (``make_model``); loaders and run folder as for training."""
+
+    pdd: PDDConfig = field(default_factory=PDDConfig)
+
+    @property
+    def teacher_path(self) -> Path:
+        return self.run_dir / flow_dir_name(self.flow) / "best.pt"
+
+    def make_model(self) -> DistillModel:  # type: ignore[override]
+        dtype = self.cfg.torch_dtype
+        teacher = load_flow_model(self.teacher_path, "cpu", dtype, dataset=self.geometry.name, flow=self.flow)
+        torch.manual_seed(self.cfg.seed)  # the same initial student on every rank
+        student = FlowModel.from_preset(self.flow, self.geometry, self.preset, student=True).to(dtype)
+        return DistillModel(teacher, student, self.pdd)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m hpc_calo.distill",
+        description=(
+            "Distil the IAF student of flow 2 or 3 from its trained teacher MAF (Probability Density "
+            "Distillation). Writes RUN_DIR/flow<k>_student/ (checkpoint.pt, best.pt = lowest validation KL); "
+            "re-running the same command resumes."
+        ),
+    )
+    p.add_argument("--run", type=Path, required=True, help="run folder holding the trained teacher flow<k>/best.pt")
+    p.add_argument("--flow", type=int, required=True, choices=(2, 3), help="which flow's student (flow-1 stays a MAF)")
+    p.add_argument("--store", type=Path, help="pair store (default: the one recorded in RUN_DIR/run.json)")
+    p.add_argument("--epochs", type=int, help="epochs (default: the preset's for this flow)")
+    p.add_argument("--batch-size", type=int, help="GLOBAL batch size, split over workers (default: the preset's)")
+    p.add_argument("--lr", type=float, help="OneCycle peak learning rate (default: the preset's for this flow)")
+    p.add_argument("--beta", type=float, default=0.5, help="weight of the x-pass; the z-pass gets 1-beta (default 0.5)")
+    p.add_argument("--grad-clip", type=float, default=5.0, help="max gradient norm, <= 0: off (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the student's initial weights and noise (default 0)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="training device (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="precision (default float32)")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between mid-epoch checkpoints")
+    p.add_argument("--log-every", type=int, default=50, help="steps between progress lines (default 50)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0: torch's default (default 0)")
+    p.add_argument("--memory-gb", type=float, default=2.0, help="memory budget of the data loaders in GB")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this global step (smoke tests)")
+    add_ray_arguments(p)
+    return p
+
+
+def build_job(args: argparse.Namespace) -> DistillJob:
+    """Validate the run folder, teacher and store; no file is written here."""
+    run = read_run(args.run)
+    preset = get_preset(run["preset"])
+    teacher = args.run / flow_dir_name(args.flow) / "best.pt"
+    if not teacher.is_file():
+        raise UserError(f"{args.run}: no trained flow-{args.flow} teacher ({teacher}); train it first")
+    store_path = args.store or (Path(run["store"]) if run.get("store") else None)
+    if store_path is None:
+        raise UserError(f"{args.run}: run.json records no store; pass --store")
+    store = open_store(store_path)
+    if store.geometry.name != run["dataset"]:
+        raise UserError(f"{store_path}: a {store.geometry.name} store, but the run is {run['dataset']}")
+    if not 0.0 <= args.beta <= 1.0:
+        raise UserError(f"--beta must lie in [0, 1], not {args.beta}")
+    if args.memory_gb <= 0:
+        raise UserError(f"--memory-gb must be positive, not {args.memory_gb}")
+    cfg = TrainConfig(
+        epochs=args.epochs or preset.epochs[args.flow],
+        batch_size=args.batch_size or preset.batch_size,
+        max_lr=args.lr or preset.max_lr[args.flow],
+        grad_clip=args.grad_clip,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every,
+        dtype=args.dtype,
+        device=args.device,
+        num_threads=args.threads,
+        max_steps=args.max_steps,
+        name=f"flow-{args.flow}-student",
+    )
+    e = np.asarray(store.array("train", "e_inc")[:])
+    energy_range = (float(e.min()), float(e.max())) if len(e) else (1e3, 1e6)
+    return DistillJob(args.flow, run["preset"], Path(store_path), store.geometry, Path(args.run), cfg, args.memory_gb,
+                      student=True, energy_range=energy_range, extra={"pdd": {"beta": args.beta}},
+                      pdd=PDDConfig(beta=args.beta))
+
+
+def run_local(job: DistillJob) -> dict[str, Any]:
+    job.prepare()
+    train, val = job.make_loaders(0, 1)
+    print(f"[{job.cfg.name}] {job.geometry.name} preset {job.preset}: distilling {job.teacher_path} -> {job.out_dir}, "
+          f"{len(train)} steps/epoch x {job.cfg.epochs} epochs, batch {job.cfg.batch_size}, loader {train.mode}",
+          file=sys.stderr)
+    return fit(job.make_model(), train, val, job.cfg, job.out_dir)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    job, ray_cfg = build_job(args), ray_config(args)
+    result = run_local(job) if ray_cfg is None else run_ray(job, ray_cfg)
+    print(json.dumps({k: (v if not isinstance(v, float) or np.isfinite(v) else None) for k, v in result.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,219 @@
+"""Fast one-pass sampling for the IAF students: the nflows student rewritten as a few plain GEMMs per block.
+
+What it removes from the plain nflows path (``flow._transform.inverse``), all without changing the result:
+- masks: ``weight * mask`` is computed once, not on every call;
+- permutations: folded into the weights (each block's input columns and output rows are reordered so that
+  the data never move), leaving one gather at the very end;
+- the context: the context layers of all blocks are stacked into one GEMM per call;
+- the spline: a vectorised inverse rational-quadratic spline without nflows' boolean-mask scatter/gather of
+  inside/outside points, computing only what sampling needs (no log-determinant), and gathering before the
+  softplus of the derivatives;
+- optionally ``torch.compile`` (fuses the spline's elementwise chain) and, on a GPU, a CUDA graph replay.
+
+Numerics: float64 and float32 agree with nflows to rounding (tests/test_fast.py). ``matmul_dtype=torch.bfloat16``
+runs only the GEMMs in bf16 (spline in float32): faster where the hardware has bf16 units, at a measured cost in
+fidelity (see /work/brief/bench_sample.md) — off by default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from nflows import flows, transforms
+from torch import nn
+
+from hpc_calo.flows.build import InverseSplineAutoregressiveTransform
+
+
+def rq_spline_inverse(
+    y: torch.Tensor,
+    params: torch.Tensor,
+    bins: int,
+    bound: float,
+    min_width: float,
+    min_height: float,
+    min_derivative: float,
+) -> torch.Tensor:
+    """Inverse of nflows' rational-quadratic spline with linear tails on [-bound, bound]; outputs only.
+
+    ``params`` is (B, 3 * bins - 1, D), parameter-major (FastStudent reorders the MADE's output rows so):
+    unnormalised widths, heights, inner derivatives. Parameter-major makes the softmax and cumsum over the
+    bins run along a strided axis with D contiguous, which ATen vectorises (5x faster than over a last axis of
+    8 on CPU). Only the bin each point falls in is transformed to [-bound, bound]; nflows' formulas otherwise.
+    """
+    k = bins
+    wh = torch.softmax(params[:, : 2 * k].unflatten(1, (2, k)), dim=2)  # (B, 2, K, D): widths, heights
+    wh[:, 0].mul_(1 - min_width * k).add_(min_width)
+    wh[:, 1].mul_(1 - min_height * k).add_(min_height)
+    cum = torch.cumsum(wh, dim=2)  # knot k+1 (knot 0 is 0; knot K is pinned to 1 below, as nflows pins it)
+    scale = 2 * bound
+    idx = ((y + bound) / scale).unsqueeze(1).ge(cum[:, 1, : k - 1]).sum(dim=1)  # (B, D) bin of y in 0..K-1
+    first, last = idx == 0, idx == k - 1
+    lo_i = (idx - 1).clamp_(min=0).unsqueeze(1).unsqueeze(1).expand(-1, 2, 1, -1)
+    hi_i = idx.unsqueeze(1).unsqueeze(1).expand(-1, 2, 1, -1)
+    lo = torch.where(first.unsqueeze(1), 0.0, cum.gather(2, lo_i).squeeze(2)) * scale - bound  # (B, 2, D)
+    hi = torch.where(last.unsqueeze(1), 1.0, cum.gather(2, hi_i).squeeze(2)) * scale - bound
+    x_k, y_k = lo[:, 0], lo[:, 1]
+    bw, bh = hi[:, 0] - x_k, hi[:, 1] - y_k
+    # Derivatives at the bin's knots; the outer knots have derivative 1 (linear tails).
+    ud = params[:, 2 * k :]
+    d0 = torch.where(first, 1.0, min_derivative + F.softplus(ud.gather(1, lo_i[:, 0]).squeeze(1)))
+    d1 = torch.where(last, 1.0, min_derivative + F.softplus(ud.gather(1, hi_i[:, 0].clamp(max=k - 2)).squeeze(1)))
+    delta = bh / bw
+    dy = y - y_k
+    s = d0 + d1 - 2 * delta
+    a = dy * s + bh * (delta - d0)
+    b = bh * d0 - dy * s
+    c = -delta * dy
+    root = (2 * c) / (-b - torch.sqrt(b * b - 4 * a * c))
+    x = root * bw + x_k
+    inside = (y >= -bound) & (y <= bound)
+    return torch.where(inside, x, y)
+
+
+class FastStudent(nn.Module):
+    """z -> x for one IAF student, built once from the trained nflows flow (the weights are copied)."""
+
+    def __init__(self, flow: flows.Flow, matmul_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        seq = list(flow._transform._transforms)[::-1]  # sampling order
+        features = None
+        # index[j] = storage column that holds the j-th coordinate of the current (logical) tensor.
+        index: torch.Tensor | None = None
+        ctx_w, ctx_b = [], []
+        self.n_blocks = 0
+        self.n_hidden = 0
+        spline = None
+        for t in seq:
+            if isinstance(t, transforms.Permutation):
+                perm = t._permutation
+                features = perm.numel() if features is None else features
+                index = torch.arange(features) if index is None else index
+                index = index[torch.argsort(perm)]  # the student applies the inverse permutation
+                continue
+            if not isinstance(t, transforms.InverseTransform) or not isinstance(
+                t._transform, InverseSplineAutoregressiveTransform
+            ):
+                raise TypeError("FastStudent needs a student flow from hpc_calo.flows.build.build_iaf")
+            block = t._transform
+            made = block.autoregressive_net
+            if made.use_residual_blocks or made.activation is not F.relu or not hasattr(made, "context_layer"):
+                raise NotImplementedError("FastStudent supports the feed-forward ReLU MADE with a context")
+            if any(b.batch_norm is not None for b in made.blocks):
+                raise NotImplementedError("FastStudent does not support batch norm")
+            features = made.initial_layer.in_features if features is None else features
+            index = torch.arange(features) if index is None else index
+            inv = torch.argsort(index)
+            spline = (block.num_bins, float(block.tail_bound), block.min_bin_width, block.min_bin_height,
+                      block.min_derivative)
+            i = self.n_blocks
+            with torch.no_grad():
+                w_in = (made.initial_layer.weight * made.initial_layer.mask)[:, inv]
+                self.register_buffer(f"w_in{i}", w_in.detach().clone())
+                self.register_buffer(f"b_in{i}", made.initial_layer.bias.detach().clone())
+                for j, hb in enumerate(made.blocks):
+                    self.register_buffer(f"w_h{i}_{j}", (hb.linear.weight * hb.linear.mask).detach().clone())
+                    self.register_buffer(f"b_h{i}_{j}", hb.linear.bias.detach().clone())
+                n_par = made.final_layer.out_features // features
+                # Output rows: nflows orders them (dimension, parameter); here (parameter, storage column).
+                w_out = (made.final_layer.weight * made.final_layer.mask).reshape(features, n_par, -1)[inv]
+                self.register_buffer(f"w_out{i}", w_out.transpose(0, 1).reshape(features * n_par, -1).clone())
+                b_out = made.final_layer.bias.reshape(features, n_par)[inv].t()
+                self.register_buffer(f"b_out{i}", b_out.reshape(-1).clone())
+                ctx_w.append(made.context_layer.weight.detach())
+                ctx_b.append(made.context_layer.bias.detach())
+            self.n_hidden = len(made.blocks)
+            self.n_blocks += 1
+        if spline is None or index is None or features is None:
+            raise TypeError("FastStudent: the flow has no spline blocks")
+        self.features = features
+        self.n_par = 3 * spline[0] - 1
+        self.bins, self.bound, self.min_width, self.min_height, self.min_derivative = spline
+        self.hidden = ctx_w[0].shape[0]
+        self.register_buffer("w_ctx", torch.cat(ctx_w).clone())
+        self.register_buffer("b_ctx", torch.cat(ctx_b).clone())
+        self.register_buffer("out_index", index.clone())
+        self.matmul_dtype = matmul_dtype
+        self.spline: Callable[..., torch.Tensor] = rq_spline_inverse
+        if matmul_dtype is not None:
+            for name, buf in self.named_buffers():
+                if name.startswith("w_"):
+                    setattr(self, name, buf.to(matmul_dtype))
+
+    def compile(self) -> FastStudent:  # type: ignore[override]
+        """Use the compiled spline from now on (plain eager stays the fallback: a new FastStudent)."""
+        self.spline = compiled_spline()
+        return self
+
+    def _linear(self, x: torch.Tensor, name: str, bias: str) -> torch.Tensor:
+        w = getattr(self, name)
+        b = getattr(self, bias)
+        if self.matmul_dtype is None:
+            return F.linear(x, w, b)
+        return F.linear(x.to(w.dtype), w).to(b.dtype) + b
+
+    def forward(self, z: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Samples x for latent z (B, D) and preprocessed context (B, C); no log-determinant."""
+        bsz, h = z.shape[0], self.hidden
+        ctx = torch.relu(self._linear(context, "w_ctx", "b_ctx"))
+        u = z
+        for i in range(self.n_blocks):
+            t = torch.relu(self._linear(u, f"w_in{i}", f"b_in{i}") + ctx[:, i * h : (i + 1) * h])
+            for j in range(self.n_hidden):
+                t = torch.relu(self._linear(t, f"w_h{i}_{j}", f"b_h{i}_{j}"))
+            p = self._linear(t, f"w_out{i}", f"b_out{i}").view(bsz, self.n_par, self.features)
+            u = self.spline(u, p, self.bins, self.bound, self.min_width, self.min_height, self.min_derivative)
+        return u.index_select(1, self.out_index)
+
+    sample = forward
+
+
+_COMPILED_SPLINE: Callable[..., torch.Tensor] | None = None
+
+
+def compiled_spline() -> Callable[..., torch.Tensor]:
+    """The spline under ``torch.compile`` (dynamic shapes), compiled once per process and shared.
+
+    Only the spline is compiled: it is the chain of ~40 elementwise ops that Inductor fuses into one loop; the
+    GEMMs gain nothing from it. Measured on the 2-core CPU box: ~50 s to compile once, then every flow, batch
+    size and layer reuses it, versus ~80-100 s per (module, batch size) for compiling the whole sampler.
+    """
+    global _COMPILED_SPLINE
+    if _COMPILED_SPLINE is None:
+        _COMPILED_SPLINE = torch.compile(rq_spline_inverse, dynamic=True, fullgraph=True)
+    return _COMPILED_SPLINE
+
+
+class CudaGraphSampler:
+    """Replays a captured CUDA graph of a (compiled or plain) sampler for one fixed batch size.
+
+    GPU only (guarded): sampling at a fixed large batch is launch-bound without it. Inputs are copied into
+    static buffers; the returned tensor is the static output buffer (copy it before the next call).
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch: int, features: int,
+                 context: int, dtype: torch.dtype, device: torch.device) -> None:
+        if not torch.cuda.is_available() or torch.device(device).type != "cuda":
+            raise RuntimeError("CudaGraphSampler needs a CUDA device")
+        self.z = torch.zeros(batch, features, dtype=dtype, device=device)
+        self.c = torch.zeros(batch, context, dtype=dtype, device=device)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.no_grad():
+            for _ in range(3):  # warm-up (and compilation) outside the capture
+                fn(self.z, self.c)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            self.out = fn(self.z, self.c)
+        self.batch = batch
+
+    def __call__(self, z: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if z.shape[0] != self.batch:
+            raise ValueError(f"captured for batch {self.batch}, got {z.shape[0]}")
+        self.z.copy_(z)
+        self.c.copy_(context)
+        self.graph.replay()
+        return self.out

@@ -1,0 +1,217 @@
+"""Chained generation: E_inc -> flow-1 layer energies -> flow-2 layer 0 -> flow-3 x 44 -> CaloChallenge HDF5.
+
+Determinism: every random number of shower row i (base-distribution samples of the three flows and the
+dequantisation noise of each generated layer) comes from the stream of the row block ``i // ROW_BLOCK``,
+a torch.Generator seeded from ``SeedSequence([seed, block])``. Batches draw whole blocks in a fixed order, so
+the random numbers a row gets depend on (seed, row index) only, NOT on ``batch_size``; the output for a seed
+is bit-identical for the same (device, dtype, batch_size), and equal up to floating-point rounding (matrix
+products of other shapes) across batch sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from hpc_calo import preprocess as pp
+from hpc_calo.errors import UserError, run_cli
+from hpc_calo.geometry import E_INC_MAX_MEV, E_INC_MIN_MEV, N_LAYERS, THRESHOLD_MEV, Geometry, get_geometry
+from hpc_calo.io import CaloFile, CaloWriter
+from hpc_calo.models import FlowModel, load_flow_model
+from hpc_calo.train.checkpoint import read_run
+
+ROW_BLOCK = 64  # rows sharing one random stream; small enough that a partial block wastes little
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class _RowNoise:
+    """Random numbers for rows [start, stop) that do not depend on how the rows are batched."""
+
+    def __init__(self, seed: int, start: int, stop: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.device, self.dtype = device, dtype
+        self.first, last = start // ROW_BLOCK, (stop - 1) // ROW_BLOCK
+        self.lo = start - self.first * ROW_BLOCK
+        self.n = stop - start
+        self.gens = []
+        for block in range(self.first, last + 1):
+            s = np.random.SeedSequence([seed, block]).generate_state(2, dtype=np.uint32)
+            g = torch.Generator(device=device)
+            g.manual_seed(int(s[0]) << 31 | int(s[1]) >> 1)
+            self.gens.append(g)
+
+    def _draw(self, fn: Any, features: int) -> torch.Tensor:
+        parts = [fn(ROW_BLOCK, features, generator=g, device=self.device, dtype=self.dtype) for g in self.gens]
+        return torch.cat(parts)[self.lo : self.lo + self.n]
+
+    def normal(self, features: int) -> torch.Tensor:
+        return self._draw(torch.randn, features)
+
+    def uniform(self, features: int) -> torch.Tensor:
+        return self._draw(torch.rand, features)
+
+
+class Chain:
+    """The three trained flows of a run folder, sampling showers in MeV."""
+
+    def __init__(self, flows: dict[int, FlowModel], geometry: Geometry, energy_range: tuple[float, float],
+                 renormalise: bool = False, run: dict[str, Any] | None = None) -> None:
+        self.flows = flows
+        self.geometry = geometry
+        self.energy_range = energy_range
+        self.renormalise = renormalise
+        self.run = run or {}
+        self.device = flows[1].device
+        self.dtype = flows[1].dtype
+        # z -> x per flow: nflows by default; use_fast_students() swaps in the fast student sampler.
+        self.from_latent = {k: f.from_latent for k, f in flows.items()}
+
+    def use_fast_students(self, compile: bool = False) -> Chain:
+        """Sample students through hpc_calo.flows.fast (same result to rounding, several times faster)."""
+        from hpc_calo.flows.fast import FastStudent
+
+        for k, f in self.flows.items():
+            if f.student:
+                fast = FastStudent(f.flow).to(self.device)
+                self.from_latent[k] = fast.compile() if compile else fast
+        return self
+
+    @property
+    def students(self) -> dict[int, bool]:
+        return {k: f.student for k, f in self.flows.items()}
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike[str], device: str | torch.device = "cpu",
+             dtype: torch.dtype = torch.float32, students: bool | None = None) -> Chain:
+        """Load ``RUN_DIR/flow{1,2,3}[_student]/best.pt``. students: None uses a student where one exists."""
+        run_dir = Path(run_dir)
+        run = read_run(run_dir)
+        geometry = get_geometry(run["dataset"])
+        flows: dict[int, FlowModel] = {}
+        for k in (1, 2, 3):
+            teacher, student = run_dir / f"flow{k}" / "best.pt", run_dir / f"flow{k}_student" / "best.pt"
+            use_student = k > 1 and (student.is_file() if students is None else students)
+            path = student if use_student else teacher
+            if not path.is_file():
+                what = f"flow-{k} student" if use_student else f"flow-{k}"
+                raise UserError(f"{run_dir}: incomplete run, {path} is missing (train {what} first)")
+            flows[k] = load_flow_model(path, device, dtype, dataset=geometry.name, flow=k)
+        lo, hi = run.get("energy_range", (E_INC_MIN_MEV, E_INC_MAX_MEV))
+        return cls(flows, geometry, (float(lo), float(hi)), run=run)
+
+    @torch.no_grad()
+    def _sample_rows(self, e_inc: torch.Tensor, noise: _RowNoise) -> torch.Tensor:
+        f1, f2, f3 = self.flows[1], self.flows[2], self.flows[3]
+        v = self.geometry.voxels_per_layer
+        layer_e = pp.decode_layer_energy(f1.from_latent(noise.normal(N_LAYERS), f1.context1(e_inc)))
+        layer_e = pp.apply_threshold(layer_e, THRESHOLD_MEV)
+        x = self.from_latent[2](noise.normal(v), f2.context2(e_inc, layer_e[:, 0]))
+        layer = pp.apply_threshold(pp.decode_shape(x, layer_e[:, 0], self.renormalise), THRESHOLD_MEV)
+        layers = [layer]
+        for n in range(1, N_LAYERS):
+            # As in the reference: the generated layer gets fresh noise and is renormalised to condition the next.
+            prev = pp.logit(pp.normalise(layer + pp.NOISE_MEV * noise.uniform(v))[0])
+            c = f3.context3(e_inc, layer_e[:, n], layer_e[:, n - 1], prev, n)
+            x = self.from_latent[3](noise.normal(v), c)
+            layer = pp.apply_threshold(pp.decode_shape(x, layer_e[:, n], self.renormalise), THRESHOLD_MEV)
+            layers.append(layer)
+        return torch.cat(layers, dim=1)
+
+    def sample_iter(self, e_inc: np.ndarray, seed: int, batch_size: int = 1000) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (first row, showers (b, 45 V) float32 MeV) batch by batch (bounded memory)."""
+        e = np.asarray(e_inc, dtype=np.float64).reshape(-1)
+        if batch_size < 1:
+            raise UserError(f"batch size must be positive, not {batch_size}")
+        if len(e) and (not np.all(np.isfinite(e)) or e.min() <= 0):
+            raise UserError("incident energies must be finite and positive (MeV)")
+        for a in range(0, len(e), batch_size):
+            b = min(a + batch_size, len(e))
+            noise = _RowNoise(seed, a, b, self.device, self.dtype)
+            t = torch.as_tensor(e[a:b], device=self.device, dtype=self.dtype)
+            yield a, self._sample_rows(t, noise).to("cpu", torch.float32).numpy()
+
+    def sample(self, e_inc: np.ndarray, seed: int, batch_size: int = 1000) -> np.ndarray:
+        """Showers (n, 45 V) float32 MeV for incident energies ``e_inc`` (n,) MeV; deterministic (module doc)."""
+        out = np.empty((len(np.asarray(e_inc).reshape(-1)), self.geometry.n_voxels), dtype=np.float32)
+        for a, s in self.sample_iter(e_inc, seed, batch_size):
+            out[a : a + len(s)] = s
+        return out
+
+    def random_energies(self, n: int, seed: int) -> np.ndarray:
+        """Log-uniform incident energies over the trained range (MeV)."""
+        lo, hi = self.energy_range
+        u = np.random.default_rng(np.random.SeedSequence([seed, 0xE1C])).random(n)
+        return lo * (hi / lo) ** u
+
+
+def reference_energies(path: Path, geometry: Geometry, n: int | None) -> np.ndarray:
+    """The first n (default all) incident energies of a CaloChallenge file, without reading its showers."""
+    with CaloFile(path, geometry) as f:
+        total = len(f)
+    if n is not None and n > total:
+        raise UserError(f"{path}: has {total} showers, fewer than the {n} requested")
+    with h5py.File(path, "r") as h5:
+        return np.asarray(h5["incident_energies"][: total if n is None else n, 0], dtype=np.float64)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m hpc_calo.generate",
+        description="Generate showers with the trained flows of a run folder into a CaloChallenge HDF5 file.",
+    )
+    p.add_argument("--run", type=Path, required=True, help="run folder written by python -m hpc_calo.train")
+    p.add_argument("--showers", type=int, help="number of showers (default with --energies: all of the file's)")
+    p.add_argument("--out", type=Path, required=True, help="output HDF5 file (appears only when complete)")
+    p.add_argument("--energies", type=Path,
+                   help="take the incident energies of this CaloChallenge file (its first N); default: log-uniform "
+                        "over the trained range")
+    p.add_argument("--batch-size", type=int, default=1000, help="showers per batch (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="precision (default float32)")
+    p.add_argument("--students", choices=("auto", "yes", "no"), default="auto",
+                   help="flows 2/3: students where trained (auto), required (yes) or teachers (no)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0: torch's default")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.showers is None and args.energies is None:
+        raise UserError("give --showers N, or --energies REF.h5 to take its incident energies")
+    if args.showers is not None and args.showers < 1:
+        raise UserError(f"--showers must be positive, not {args.showers}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    students = {"auto": None, "yes": True, "no": False}[args.students]
+    chain = Chain.load(args.run, args.device, DTYPES[args.dtype], students)
+    if args.energies is not None:
+        e_inc = reference_energies(args.energies, chain.geometry, args.showers)
+    else:
+        e_inc = chain.random_energies(args.showers, args.seed)
+    n = len(e_inc)
+    attrs = {"generator": "hpc-calo iCaloFlow", "run": str(args.run.resolve()), "seed": args.seed,
+             "students": str(chain.students)}
+    with CaloWriter(args.out, chain.geometry, n_total=n, attrs=attrs) as w, tqdm(
+        total=n, unit="shower", desc="generate", disable=args.no_progress, file=sys.stderr
+    ) as bar:
+        for a, showers in chain.sample_iter(e_inc, args.seed, args.batch_size):
+            w.write(e_inc[a : a + len(showers)], showers)
+            bar.update(len(showers))
+    print(f"wrote {n} {chain.geometry.name} showers to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,219 @@
+"""The three conditional flows of iCaloFlow as modules whose ``forward`` is the training loss.
+
+``FlowModel(batch) -> mean NLL`` lets DDP wrap the module and lets one training loop serve every flow.
+The NLL is that of the PREPROCESSED features x given the context c (as the reference reports it): the
+log-Jacobians of noise, normalisation and logit are NOT in the loss, so losses compare with the reference
+but not with a density in MeV.
+
+Features and context per flow (context fields in this order, as in the reference code):
+
+====  ==========================================  ================================================================
+flow  x (features)                                c (context)
+====  ==========================================  ================================================================
+1     encode_layer_energy(E_i + u), i=0..44 (45)  encode_e_inc(E_inc)                                          (1)
+2     logit(normalise(layer_0 + u))         (V)   encode_e_inc(E_inc), encode_layer_energy(E_0 + u) / 4        (2)
+3     logit(normalise(layer_n + u))         (V)   encode_e_inc(E_inc), encode_layer_energy(E_n + u),
+                                                  encode_layer_energy(E_{n-1} + u), logit(normalise(layer_{n-1}
+                                                  + u')), one_hot(n - 1, 44)                             (V + 47)
+====  ==========================================  ================================================================
+
+``u`` is fresh U[0, 5 keV) noise on every call (see :mod:`hpc_calo.preprocess`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hpc_calo import preprocess as pp
+from hpc_calo.atomic import atomic_path
+from hpc_calo.errors import UserError
+from hpc_calo.flows.build import FlowSpec, build_iaf, build_maf
+from hpc_calo.flows.presets import FLOWS, get_preset
+from hpc_calo.geometry import Geometry, get_geometry
+
+MODEL_FORMAT = "hpc-calo-flow"
+MODEL_VERSION = 1
+
+
+def flow_meta(flow: int, geometry: Geometry, spec: FlowSpec, student: bool, preset: str) -> dict[str, Any]:
+    return {"kind": "flow", "flow": flow, "student": student, "dataset": geometry.name, "preset": preset,
+            "spec": asdict(spec)}
+
+
+class FlowModel(nn.Module):
+    """Flow ``k`` (1, 2 or 3): a teacher MAF, or with ``student=True`` an IAF with the same block layout."""
+
+    def __init__(
+        self, flow: int, geometry: Geometry, spec: FlowSpec, student: bool = False, preset: str = "custom"
+    ) -> None:
+        super().__init__()
+        if flow not in FLOWS:
+            raise UserError(f"flow must be one of 1, 2, 3, not {flow}")
+        self.k = flow
+        self.geometry = geometry
+        self.spec = spec
+        self.student = student
+        self.preset = preset
+        self.flow = build_iaf(spec) if student else build_maf(spec)
+
+    @classmethod
+    def from_preset(cls, flow: int, geometry: Geometry, preset: str, student: bool = False) -> FlowModel:
+        return cls(flow, geometry, get_preset(preset).spec(flow, geometry, student), student, preset)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def meta(self) -> dict[str, Any]:
+        """What identifies this model; a checkpoint with different meta must not be resumed into it."""
+        return flow_meta(self.k, self.geometry, self.spec, self.student, self.preset)
+
+    # ---- preprocessing -------------------------------------------------------------------------------------
+
+    def inputs(
+        self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw loader batch (MeV) -> (x, c) in the flow's space, with fresh dequantisation noise."""
+        dev, dt = self.device, self.dtype
+
+        def get(key: str) -> torch.Tensor:
+            t = batch[key].to(dev)
+            return t if not t.is_floating_point() else t.to(dt)
+
+        e_inc = pp.encode_e_inc(get("e_inc").reshape(-1, 1))
+        if self.k == 1:
+            x = pp.encode_layer_energy(pp.add_noise(get("layer_e"), generator))
+            return x, e_inc
+        if self.k == 2:
+            x = pp.encode_shape(get("layer"), generator)
+            e0 = pp.encode_layer_energy(pp.add_noise(get("e0"), generator)).reshape(-1, 1) / pp.FLOW2_E_SCALE
+            return x, torch.cat([e_inc, e0], dim=1)
+        x = pp.encode_shape(get("cur"), generator)
+        e_cur = pp.encode_layer_energy(pp.add_noise(get("e_cur"), generator)).reshape(-1, 1)
+        e_prev = pp.encode_layer_energy(pp.add_noise(get("e_prev"), generator)).reshape(-1, 1)
+        prev = pp.encode_shape(get("prev"), generator)
+        return x, torch.cat([e_inc, e_cur, e_prev, prev, pp.one_hot_layer(get("n"), dt)], dim=1)
+
+    @staticmethod
+    def context3(
+        e_inc: torch.Tensor, e_cur: torch.Tensor, e_prev: torch.Tensor, prev_shape_logit: torch.Tensor, n: int
+    ) -> torch.Tensor:
+        """Flow-3 context at generation time (energies in MeV, no noise on them, as in the reference)."""
+        b = e_inc.shape[0]
+        idx = torch.full((b,), n, dtype=torch.long, device=e_inc.device)
+        return torch.cat(
+            [
+                pp.encode_e_inc(e_inc).reshape(-1, 1),
+                pp.encode_layer_energy(e_cur).reshape(-1, 1),
+                pp.encode_layer_energy(e_prev).reshape(-1, 1),
+                prev_shape_logit,
+                pp.one_hot_layer(idx, e_inc.dtype),
+            ],
+            dim=1,
+        )
+
+    @staticmethod
+    def context2(e_inc: torch.Tensor, e0: torch.Tensor) -> torch.Tensor:
+        return torch.cat(
+            [
+                pp.encode_e_inc(e_inc).reshape(-1, 1),
+                pp.encode_layer_energy(e0).reshape(-1, 1) / pp.FLOW2_E_SCALE,
+            ],
+            dim=1,
+        )
+
+    @staticmethod
+    def context1(e_inc: torch.Tensor) -> torch.Tensor:
+        return pp.encode_e_inc(e_inc).reshape(-1, 1)
+
+    # ---- density and sampling ------------------------------------------------------------------------------
+
+    def log_prob(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """log p(x | c) per row, in the preprocessed space."""
+        return self.flow.log_prob(x, context=context)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean negative log-likelihood of a raw batch (what the training loop minimises)."""
+        x, c = self.inputs(batch)
+        return -self.log_prob(x, c).mean()
+
+    def from_latent(self, z: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Map base-distribution samples z (B, F) to x (B, F): one pass for a student, F passes for a MAF."""
+        x, _ = self.flow._transform.inverse(z, context=self.flow._embedding_net(context))
+        return x
+
+    @torch.no_grad()
+    def sample(self, context: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One sample per context row, in the preprocessed space."""
+        context = context.to(self.device, self.dtype)
+        z = torch.randn(
+            context.shape[0], self.spec.features, generator=generator, device=self.device, dtype=self.dtype
+        )
+        return self.from_latent(z, context)
+
+    def decode(self, x: torch.Tensor, energy: torch.Tensor | None = None, renormalise: bool = False) -> torch.Tensor:
+        """Preprocessed samples -> MeV: flow-1 gives the 45 layer energies; flows 2/3 need the layer energy."""
+        if self.k == 1:
+            return pp.decode_layer_energy(x)
+        if energy is None:
+            raise ValueError("flows 2 and 3 decode to MeV only given the layer energies")
+        return pp.decode_shape(x, energy, renormalise)
+
+    # ---- standalone model file -----------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write ``best.pt``: everything needed to rebuild this model without the run's config (atomic)."""
+        obj = {
+            "format": MODEL_FORMAT,
+            "version": MODEL_VERSION,
+            **self.meta(),
+            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+        }
+        with atomic_path(path) as tmp:
+            torch.save(obj, tmp)
+
+
+def read_model_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such model file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unpickling failure means a corrupt file
+        raise UserError(f"{path}: not a readable model file (truncated or corrupt): {err}") from None
+    if not isinstance(obj, dict) or obj.get("format") != MODEL_FORMAT:
+        raise UserError(f"{path}: not an hpc-calo flow model file")
+    if obj.get("version") != MODEL_VERSION:
+        raise UserError(f"{path}: model file version {obj.get('version')}, this hpc-calo reads {MODEL_VERSION}")
+    return obj
+
+
+def load_flow_model(
+    path: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    dataset: str | None = None,
+    flow: int | None = None,
+) -> FlowModel:
+    """Rebuild a FlowModel from ``best.pt``; UserError for a corrupt file or another dataset / flow."""
+    obj = read_model_file(path)
+    if dataset is not None and obj["dataset"] != dataset:
+        raise UserError(f"{path}: model is for {obj['dataset']}, not {dataset}")
+    if flow is not None and obj["flow"] != flow:
+        raise UserError(f"{path}: model is flow-{obj['flow']}, not flow-{flow}")
+    model = FlowModel(obj["flow"], get_geometry(obj["dataset"]), FlowSpec(**obj["spec"]), obj["student"], obj["preset"])
+    try:
+        model.load_state_dict(obj["state_dict"])
+    except RuntimeError as err:
+        raise UserError(f"{path}: weights do not fit the stored architecture: {err}") from None
+    return model.to(device=device, dtype=dtype).eval()

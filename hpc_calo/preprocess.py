@@ -1,0 +1,114 @@
+"""Every invertible transform between raw energies (MeV) and the spaces the flows see, in one place.
+
+The reference iCaloFlow code (Buckley, Krause, Pang, Shih) fixes the choices; each forward map here has its
+inverse next to it so that training (forward) and generation (inverse) cannot drift apart.
+
+==========================  =============================================  =========================================
+transform                   forward                                        inverse
+==========================  =============================================  =========================================
+dequantisation noise        x + u,  u ~ U[0, 5 keV) fresh every call       none needed (noise is below threshold)
+layer normalisation         I = layer / sum(layer)   (empty: uniform 1/V)  layer = I * E_layer
+logit                       y = logit(a + (1 - 2a) x),  a = 1e-6           x = clip((sigmoid(y) - a)/(1 - 2a), 0, 1)
+incident energy             c = log10(E_inc / MeV) - 4.5                   E_inc = 10^(c + 4.5) MeV
+layer energy                c = logit(clip(E / 65 GeV, 0, 1))              E = 65 GeV * inverse logit(c)
+layer index (flow-3)        one_hot(n - 1, 44)                             argmax + 1
+==========================  =============================================  =========================================
+
+Flow-2 divides its layer-energy condition by 4, as the reference does. Noise is drawn from ``generator`` when
+given, else from torch's global RNG, so that a training run that restores the RNG state resumes exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hpc_calo.geometry import N_LAYERS
+
+NOISE_MEV = 5.0e-3  # dequantisation noise width: 5 keV, the reference's noise_level
+E_NORM_MEV = 6.5e4  # layer energies are encoded relative to 65 GeV (just above the largest DS2/DS3 layer)
+ALPHA = 1.0e-6  # logit regulator of the MAF paper
+E_INC_SHIFT = 4.5  # log10(E_inc/MeV) spans [3, 6]; centred at 4.5
+N_CLASSES = N_LAYERS - 1  # flow-3 conditions on the index of the previous layer, 0..43
+FLOW2_E_SCALE = 4.0  # the reference divides flow-2's layer-energy condition by 4
+
+
+def add_noise(x: torch.Tensor, generator: torch.Generator | None = None, width: float = NOISE_MEV) -> torch.Tensor:
+    """Dequantise: add fresh U[0, width) noise (MeV). The inverse is the identity (the cut removes it)."""
+    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return x + width * u
+
+
+def normalise(layer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, V) energies -> (shape summing to 1, sum). An empty layer becomes the uniform shape 1/V."""
+    total = layer.sum(dim=-1, keepdim=True)
+    empty = total <= 0
+    safe = torch.where(empty, torch.ones_like(total), total)
+    shape = torch.where(empty, torch.full_like(layer, 1.0 / layer.shape[-1]), layer / safe)
+    return shape, total.squeeze(-1)
+
+
+def denormalise(shape: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`normalise`: scale each shape row by its layer energy (MeV)."""
+    return shape * energy.unsqueeze(-1)
+
+
+def logit(x: torch.Tensor, alpha: float = ALPHA) -> torch.Tensor:
+    """x in [0, 1] -> logit(alpha + (1 - 2 alpha) x); log - log1p keeps float32 accurate near 1."""
+    p = alpha + (1.0 - 2.0 * alpha) * x
+    return torch.log(p) - torch.log1p(-p)
+
+
+def inverse_logit(y: torch.Tensor, alpha: float = ALPHA) -> torch.Tensor:
+    """Inverse of :func:`logit`, clipped to [0, 1] (flow samples may land outside the image)."""
+    return ((torch.sigmoid(y) - alpha) / (1.0 - 2.0 * alpha)).clamp(0.0, 1.0)
+
+
+def encode_e_inc(e_inc: torch.Tensor) -> torch.Tensor:
+    return torch.log10(e_inc) - E_INC_SHIFT
+
+
+def decode_e_inc(c: torch.Tensor) -> torch.Tensor:
+    return torch.pow(10.0, c + E_INC_SHIFT)
+
+
+def encode_layer_energy(e: torch.Tensor) -> torch.Tensor:
+    """logit(E / 65 GeV). Clipped to [0, 1] first: a layer above 65 GeV (none in DS2/DS3) stays finite."""
+    return logit((e / E_NORM_MEV).clamp(0.0, 1.0))
+
+
+def decode_layer_energy(c: torch.Tensor) -> torch.Tensor:
+    return inverse_logit(c) * E_NORM_MEV
+
+
+def one_hot_layer(n: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Layer index n in 1..44 (the layer being generated) -> one-hot of n - 1 over 44 classes."""
+    return torch.nn.functional.one_hot(n.long() - 1, N_CLASSES).to(dtype)
+
+
+def layer_index(onehot: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`one_hot_layer`."""
+    return onehot.argmax(dim=-1) + 1
+
+
+def encode_shape(layer: torch.Tensor, generator: torch.Generator | None = None, noise: bool = True) -> torch.Tensor:
+    """Raw layer (B, V) MeV -> noise -> normalise -> logit: what flows 2 and 3 model (and flow-3 is given)."""
+    if noise:
+        layer = add_noise(layer, generator)
+    return logit(normalise(layer)[0])
+
+
+def decode_shape(y: torch.Tensor, energy: torch.Tensor, renormalise: bool = False) -> torch.Tensor:
+    """Flow output (B, V) -> voxel energies (MeV) for layer energies ``energy`` (B,).
+
+    The reference multiplies the inverse-logit shape by the energy without renormalising (its renormalisation
+    is commented out); ``renormalise=True`` makes each layer sum exactly to ``energy`` instead.
+    """
+    shape = inverse_logit(y)
+    if renormalise:
+        shape = normalise(shape)[0]
+    return denormalise(shape, energy)
+
+
+def apply_threshold(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Zero energies below the readout threshold (MeV), as the official evaluation does."""
+    return torch.where(x < threshold, torch.zeros_like(x), x)

@@ -1,0 +1,237 @@
+"""Who generates which missing shard: this process (or a process pool), Ray actors, or MPI ranks.
+
+Each backend runs the whole pipeline (check, plan, generate the missing shards, gather) and returns an
+:class:`Outcome` (MPI: on rank 0; other ranks return None). Workers load the chain once and receive only
+shard indices; only counts come back — shower arrays go through the parts directory, never through Ray or
+MPI. ``ray`` and ``mpi4py`` are imported inside their backend so the local backend needs neither.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from hpc_calo.errors import UserError
+from hpc_calo.sample.job import Launch, Outcome, Output, finish, precheck, prepare, progress_bar
+from hpc_calo.sample.plan import Plan, Request
+from hpc_calo.sample.worker import Worker, load_chain, torch_threads
+
+# ---- local ---------------------------------------------------------------------------------------------------
+
+_POOL_WORKER: Worker | None = None
+
+
+def _pool_init(plan: Plan, parts_dir: Path) -> None:
+    global _POOL_WORKER
+    _POOL_WORKER = Worker(plan, parts_dir)
+
+
+def _pool_run(index: int) -> int:
+    assert _POOL_WORKER is not None
+    return _POOL_WORKER.run(index)
+
+
+def run_local(req: Request, output: Output, launch: Launch) -> Outcome:
+    """In this process; with ``--workers W > 1`` in W spawned processes, each loading the chain once."""
+    precheck(req, output)
+    workers = launch.workers or 1
+    torch_threads(req.threads)
+    chain = load_chain(req)
+    plan, parts, todo = prepare(req, output, chain)
+    t0 = time.perf_counter()
+    with progress_bar(plan, todo, launch.progress) as bar:
+        if workers == 1 or len(todo) <= 1:
+            worker = Worker(plan, parts.path, chain=chain)
+            for i in todo:
+                bar.update(worker.run(i))
+        elif todo:
+            del chain
+            with ProcessPoolExecutor(
+                min(workers, len(todo)),
+                mp_context=get_context("spawn"),
+                initializer=_pool_init,
+                initargs=(plan, parts.path),
+            ) as pool:
+                pending = {pool.submit(_pool_run, i) for i in todo}
+                while pending:
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        bar.update(fut.result())
+    return finish(plan, parts, output, todo, time.perf_counter() - t0, launch.progress)
+
+
+# ---- Ray -----------------------------------------------------------------------------------------------------
+
+
+def run_ray(req: Request, output: Output, launch: Launch) -> Outcome:
+    """One actor per GPU (``--device cuda``) or per CPU slot; shards are handed out one at a time.
+
+    The driver loads the chain on the CPU only to validate the request; the parts directory must be on a
+    filesystem every node sees.
+    """
+    import ray
+
+    precheck(req, output)
+    plan, parts, todo = prepare(req, output, load_chain(req, device="cpu"))
+    seconds = 0.0
+    if todo:
+        started = not ray.is_initialized()
+        if started:
+            try:
+                kw: dict[str, Any] = {"include_dashboard": False}
+                if launch.address is None and launch.workers:
+                    kw["num_cpus"] = launch.workers * req.threads
+                ray.init(address=launch.address, **kw)
+            except (ConnectionError, RuntimeError, ValueError) as err:
+                raise UserError(f"--address {launch.address}: cannot join the Ray cluster: {err}") from None
+        t0 = time.perf_counter()  # from here: actor start (model loading) + generation, not Ray's own start
+        try:
+            _ray_generate(ray, plan, parts.path, todo, launch)
+            seconds = time.perf_counter() - t0
+        finally:
+            if started:
+                ray.shutdown()
+    return finish(plan, parts, output, todo, seconds, launch.progress)
+
+
+def _ray_generate(ray: Any, plan: Plan, parts_dir: Path, todo: list[int], launch: Launch) -> None:
+    gpu = plan.request.device.startswith("cuda")
+    res = ray.cluster_resources()
+    slots = int(res.get("GPU", 0) if gpu else res.get("CPU", 0) // plan.request.threads)
+    n = min(launch.workers or max(1, slots), len(todo))
+    if gpu and slots == 0:
+        raise UserError("--device cuda: the Ray cluster has no GPUs")
+    # A killed actor is restarted (reloading the chain) and its shard retried; parts make retries harmless.
+    cpus = 1 if gpu else plan.request.threads
+    actor_cls = ray.remote(num_cpus=cpus, num_gpus=1 if gpu else 0, max_restarts=2, max_task_retries=2)(Worker)
+    device = "cuda" if gpu else plan.request.device  # Ray pins each actor to its own GPU
+    actors = [actor_cls.remote(plan, parts_dir, None, device) for _ in range(n)]
+    queue, running = deque(todo), {}
+    try:
+        with progress_bar(plan, todo, launch.progress) as bar:
+            for actor in actors:
+                if queue:
+                    running[actor.run.remote(queue.popleft())] = actor
+            while running:
+                ready, _ = ray.wait(list(running), num_returns=1)
+                for ref in ready:
+                    actor = running.pop(ref)
+                    try:
+                        bar.update(ray.get(ref))
+                    except ray.exceptions.RayError as err:
+                        raise UserError(
+                            f"a Ray worker failed ({type(err).__name__}: {str(err).splitlines()[0]}); "
+                            "finished shards are kept: re-run the same command to generate the rest"
+                        ) from None
+                    if queue:
+                        running[actor.run.remote(queue.popleft())] = actor
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+# ---- MPI -----------------------------------------------------------------------------------------------------
+
+
+def run_mpi(req: Request, output: Output, launch: Launch) -> Outcome | None:
+    """SPMD under mpiexec/srun: rank 0 plans, every rank generates shards r, r+W, ..., rank 0 gathers.
+
+    Only the plan (no arrays) is broadcast. A rank that crashes aborts the job (MPI cannot continue with a
+    dead rank); its finished parts stay and a re-run generates the rest.
+    """
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    try:
+        return _mpi_body(MPI, comm, req, output, launch)
+    except UserError:
+        # Before the plan's broadcast (every rank then returns) or in rank 0's gather (the others are done).
+        if comm.Get_rank() == 0:
+            raise
+        return None
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        comm.Abort(1)
+        raise
+
+
+def _mpi_body(MPI: Any, comm: Any, req: Request, output: Output, launch: Launch) -> Outcome | None:
+    import hpc_calo.generate  # noqa: F401 - every rank pays the torch import while rank 0 plans, not after
+
+    rank, size = comm.Get_rank(), comm.Get_size()
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    device = _rank_device(req.device, node.Get_rank())
+    chain = payload = None
+    if rank == 0:
+        try:
+            precheck(req, output)
+            torch_threads(req.threads)
+            chain = load_chain(req, device=device)
+            plan, parts, todo = prepare(req, output, chain)
+            payload = (plan, todo, None)
+        except UserError as err:
+            payload = (None, None, str(err))
+    plan, todo, error = comm.bcast(payload, root=0)
+    if error is not None:
+        if rank == 0:
+            raise UserError(error)
+        return None
+    parts = output.parts
+    mine = todo[rank::size]
+    t0 = time.perf_counter()
+    bar = progress_bar(plan, todo, launch.progress and rank == 0)
+    try:
+        if mine:
+            worker = Worker(plan, parts.path, chain=chain, device=device)
+            for i in mine:
+                worker.run(i)
+                if rank == 0:
+                    _refresh(bar, plan, parts.finished_indices())
+    except BaseException as err:
+        # The other ranks would wait at the barrier forever: stop the whole job (finished parts stay).
+        if isinstance(err, UserError):
+            print(f"error: rank {rank}: {err}", file=sys.stderr)
+        else:
+            traceback.print_exc()
+        sys.stderr.flush()
+        comm.Abort(2 if isinstance(err, UserError) else 1)
+    # Non-blocking barrier polled with sleeps: a blocking one would spin a core that other ranks need.
+    barrier = comm.Ibarrier()
+    while not barrier.Test():
+        if rank == 0:
+            _refresh(bar, plan, parts.finished_indices())
+        time.sleep(0.1)
+    if rank != 0:
+        return None
+    _refresh(bar, plan, parts.finished_indices())
+    bar.close()
+    return finish(plan, parts, output, todo, time.perf_counter() - t0, launch.progress)
+
+
+def _rank_device(device: str, local_rank: int) -> str:
+    if not device.startswith("cuda"):
+        return device
+    import torch
+
+    n = torch.cuda.device_count()
+    return f"cuda:{local_rank % n}" if n else device  # load_chain reports a missing GPU
+
+
+def _refresh(bar: Any, plan: Plan, finished: set[int]) -> None:
+    bar.n = sum(plan.shards[i].count for i in finished if i < len(plan.shards))
+    bar.refresh()
+
+
+BACKENDS: dict[str, Callable[[Request, Output, Launch], Outcome | None]] = {
+    "local": run_local,
+    "ray": run_ray,
+    "mpi": run_mpi,
+}

@@ -1,0 +1,150 @@
+"""The parts directory: one uncompressed CaloChallenge file per shard plus one small JSON record per part.
+
+Layout of ``<out>.parts/``::
+
+    request.json        the plan's fingerprint and the fields it hashes (written once, atomically)
+    part-000000.h5      shard 0 (rows 0..S-1 of the output), written to a temporary name and renamed
+    part-000000.json    its manifest record (count, seed, sha256, ...), written only after the rename
+    ...
+
+A shard counts as done exactly when its record exists, names this request's fingerprint and its part file
+is there with the recorded size. Records are per part, so concurrent writers (Ray actors, MPI ranks on many
+nodes of a shared filesystem) never touch the same file and need no lock; a writer killed at any moment
+leaves at most a temporary file or a part without a record, and both mean "not done".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hpc_calo.atomic import atomic_path
+from hpc_calo.errors import UserError
+from hpc_calo.io import CaloWriter
+from hpc_calo.sample.plan import Plan, Shard
+
+REQUEST = "request.json"
+
+
+def default_parts_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".parts")
+
+
+class PartsDir:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def part_path(self, index: int) -> Path:
+        return self.path / f"part-{index:06d}.h5"
+
+    def record_path(self, index: int) -> Path:
+        return self.path / f"part-{index:06d}.json"
+
+    def claim(self, plan: Plan) -> None:
+        """Create the directory for ``plan`` or check that an existing one belongs to the same request."""
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"{self.path}: exists and is not a directory (it would hold the shard parts)")
+        request = self.path / REQUEST
+        if request.exists():
+            try:
+                old = json.loads(request.read_text())
+            except (OSError, ValueError) as err:
+                raise UserError(f"{request}: unreadable ({err}); delete {self.path} to start afresh") from None
+            if old.get("fingerprint") != plan.fingerprint:
+                theirs = old.get("request", {})
+                diff = [
+                    f"{k} {theirs.get(k)!r} here vs {v!r} requested"
+                    for k, v in plan.description.items()
+                    if theirs.get(k) != v
+                ]
+                raise UserError(
+                    f"{self.path}: holds parts of a different request ({'; '.join(diff) or 'other fingerprint'}); "
+                    "delete it or choose another --parts-dir"
+                )
+            return
+        try:
+            self.path.mkdir(exist_ok=True)
+        except OSError as err:
+            raise UserError(f"{self.path}: cannot create the parts directory: {err.strerror}") from None
+        with atomic_path(request) as tmp:
+            tmp.write_text(json.dumps({"fingerprint": plan.fingerprint, "request": plan.description}, indent=1))
+
+    def records(self, plan: Plan) -> dict[int, dict[str, Any]]:
+        """Records of this plan's finished shards, by shard index."""
+        done: dict[int, dict[str, Any]] = {}
+        for shard in plan.shards:
+            rec = self.record(shard.index)
+            if rec is None or rec.get("fingerprint") != plan.fingerprint or rec.get("count") != shard.count:
+                continue
+            try:
+                if self.part_path(shard.index).stat().st_size != rec.get("bytes"):
+                    continue
+            except FileNotFoundError:
+                continue
+            done[shard.index] = rec
+        return done
+
+    def record(self, index: int) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.record_path(index).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def finished_indices(self) -> set[int]:
+        """Cheap progress probe (one directory listing): shards with a record, whoever wrote it."""
+        try:
+            names = [e.name for e in os.scandir(self.path)]
+        except FileNotFoundError:
+            return set()
+        return {int(n[5:-5]) for n in names if n.startswith("part-") and n.endswith(".json") and n[5:-5].isdigit()}
+
+    def write(
+        self, plan: Plan, shard: Shard, energies: np.ndarray, batches: Iterable[np.ndarray], seconds: float = 0.0
+    ) -> None:
+        """Stream the shard's showers (consecutive row batches) into its part, then record it."""
+        t0 = time.perf_counter()
+        part = self.part_path(shard.index)
+        digest = hashlib.sha256(np.ascontiguousarray(energies, dtype="<f8").data)
+        # Uncompressed: parts are temporary and the gather re-chunks (and compresses) anyway.
+        with CaloWriter(part, plan.geometry, n_total=shard.count, compression="none") as w:
+            for showers in batches:
+                showers = np.ascontiguousarray(showers, dtype="<f4")
+                a = w.n_written
+                w.write(energies[a : a + len(showers)], showers)
+                digest.update(showers.data)
+        record = {
+            "shard": shard.index,
+            "start": shard.start,
+            "count": shard.count,
+            "seed": shard.seed,
+            "sha256": digest.hexdigest(),
+            "bytes": part.stat().st_size,
+            "fingerprint": plan.fingerprint,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "seconds": round(seconds + time.perf_counter() - t0, 3),
+            "time": time.time(),
+        }
+        with atomic_path(self.record_path(shard.index)) as tmp:
+            tmp.write_text(json.dumps(record))
+
+    def discard(self, index: int) -> None:
+        self.record_path(index).unlink(missing_ok=True)
+        self.part_path(index).unlink(missing_ok=True)
+
+    def clean_temps(self) -> None:
+        """Drop temporary files that killed writers left behind (atomic_path names them '.NAME.tmp-PID')."""
+        for p in self.path.glob(".part-*.tmp-*"):
+            p.unlink(missing_ok=True)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)

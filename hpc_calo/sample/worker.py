@@ -1,0 +1,75 @@
+"""One generation worker: loads the chain once, then turns shard indices into part files.
+
+The same class runs in the local process, in a process pool, inside a Ray actor and on every MPI rank, so
+the bits of a shard never depend on the backend.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hpc_calo.errors import UserError
+from hpc_calo.sample.parts import PartsDir
+from hpc_calo.sample.plan import Plan, Request, file_digest
+
+
+def weight_files(run_dir: Path) -> list[Path]:
+    """The model files whose bytes decide the output (the run digest covers exactly these)."""
+    return sorted(Path(run_dir).glob("flow*/best.pt"))
+
+
+def check_run_dir(run_dir: Path) -> None:
+    # Cheap check before anything heavy starts; Chain.load names missing model files itself.
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run directory")
+    if not (run_dir / "run.json").is_file():
+        raise UserError(f"{run_dir}: not a run directory (no run.json)")
+
+
+def run_digest(run_dir: Path) -> str:
+    return file_digest(weight_files(run_dir))
+
+
+def torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def load_chain(req: Request, device: str | None = None) -> Any:
+    import torch
+
+    from hpc_calo.generate import Chain
+
+    device = device or req.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {req.device}: CUDA is not available on {_host()}")
+    check_run_dir(req.run_dir)
+    dtype = {"float32": torch.float32, "float64": torch.float64}[req.dtype]
+    return Chain.load(req.run_dir, device=device, dtype=dtype, students=req.students)
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+class Worker:
+    """Holds one loaded chain; ``run(i)`` generates shard ``i`` and records its part. Returns the count."""
+
+    def __init__(self, plan: Plan, parts_dir: Path, chain: Any = None, device: str | None = None) -> None:
+        self.plan = plan
+        self.parts = PartsDir(parts_dir)
+        torch_threads(plan.request.threads)
+        self.chain = chain if chain is not None else load_chain(plan.request, device)
+
+    def run(self, index: int) -> int:
+        shard = self.plan.shards[index]
+        energies = self.plan.energies(shard)
+        # Batch by batch straight into the part file: worker memory follows --batch-size, not the shard size.
+        batches = (s for _, s in self.chain.sample_iter(energies, shard.seed, self.plan.request.batch_size))
+        self.parts.write(self.plan, shard, energies, batches)
+        return shard.count

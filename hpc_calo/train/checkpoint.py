@@ -1,0 +1,90 @@
+"""Full training state on disk: written atomically, read back with a clear error when it does not fit."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hpc_calo.atomic import atomic_path
+from hpc_calo.errors import UserError
+
+CHECKPOINT_FORMAT = "hpc-calo-checkpoint"
+CHECKPOINT_VERSION = 1
+RUN_FILE = "run.json"
+RUN_FORMAT = "hpc-calo-run"
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step may draw from (torch CPU and CUDA, numpy's global, Python's)."""
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
+    obj = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        # RNG states hold numpy arrays and Python tuples: full unpickling of our own file.
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # any unpickling failure means a corrupt file
+        raise UserError(f"{path}: checkpoint cannot be read (truncated or corrupt): {err}") from None
+    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: not an hpc-calo training checkpoint")
+    if obj.get("version") != CHECKPOINT_VERSION:
+        raise UserError(f"{path}: checkpoint version {obj.get('version')}, this hpc-calo reads {CHECKPOINT_VERSION}")
+    return obj
+
+
+def check_meta(path: str | os.PathLike[str], saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse to resume a checkpoint of another dataset / flow / preset / architecture into this model."""
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key):
+            raise UserError(
+                f"{path}: checkpoint has {key}={saved.get(key)!r} but this run has {key}={current.get(key)!r}; "
+                "use another --out directory or remove the old run"
+            )
+
+
+def read_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The run record ``RUN_DIR/run.json`` (dataset, preset, store, energy range, versions)."""
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        raise UserError(f"{run_dir}: not a run folder (no {RUN_FILE}; train the flows with python -m hpc_calo.train)")
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: unreadable run record: {err}") from None
+    if not isinstance(obj, dict) or obj.get("format") != RUN_FORMAT:
+        raise UserError(f"{path}: not an hpc-calo run record")
+    return obj

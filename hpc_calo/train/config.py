@@ -1,0 +1,67 @@
+"""Training configuration: one typed dataclass shared by the single-worker, Ray and distillation paths."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+
+from hpc_calo.errors import UserError
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters and run mechanics of one training job.
+
+    ``batch_size`` is the GLOBAL batch: each of ``world_size`` workers takes ``batch_size // world_size``
+    (it must divide evenly), so changing the worker count changes neither the batch the optimiser sees, nor
+    the number of steps per epoch, nor the learning-rate schedule (OneCycle over epochs x steps per epoch).
+    """
+
+    epochs: int = 10
+    batch_size: int = 1000  # global batch, see above
+    max_lr: float = 1e-3  # OneCycle peak learning rate
+    pct_start: float = 0.3  # fraction of the steps spent warming up (OneCycle)
+    grad_clip: float = 5.0  # max global gradient norm; <= 0 disables clipping
+    seed: int = 0
+    checkpoint_every: int = 500  # steps between mid-epoch checkpoints (plus one at every epoch end)
+    log_every: int = 50  # steps between progress lines / metrics records
+    dtype: str = "float32"  # or "float64" (the reference precision)
+    device: str = "cpu"  # "cpu" or "cuda" (the current CUDA device of the worker)
+    num_threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+    max_steps: int | None = None  # stop after this global step as if killed (tests, smoke runs)
+    name: str = "train"  # prefix of progress lines
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise UserError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise UserError("epochs and batch size must be positive")
+        if self.max_lr <= 0:
+            raise UserError(f"learning rate must be positive, not {self.max_lr}")
+        if self.checkpoint_every < 1 or self.log_every < 1:
+            raise UserError("checkpoint_every and log_every must be positive")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def per_worker_batch(self, world_size: int) -> int:
+        """The rule: the global batch is split evenly over the workers."""
+        if self.batch_size % world_size:
+            raise UserError(
+                f"global batch size {self.batch_size} does not divide over {world_size} workers; "
+                f"choose a multiple of {world_size}"
+            )
+        return self.batch_size // world_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})

@@ -1,0 +1,292 @@
+"""THE training loop: single worker, each Ray Train worker, and the distillation all run this ``fit``.
+
+It knows nothing about flows: ``model(batch)`` returns the loss. ``model`` may be a DDP wrapper; the raw
+module (``getattr(model, "module", model)``) is what is saved. Optional hooks on the raw module:
+``meta() -> dict`` (identity checked on resume) and ``save(path)`` (writes ``best.pt``; default: a dict with
+its state_dict).
+
+Exact resume: ``checkpoint.pt`` holds model, optimiser, scheduler, epoch, step within the epoch, global
+step, best validation loss and every rank's RNG states. The train loader must replay an epoch identically
+given ``set_epoch(epoch)`` (the ShardedLoader does: shuffling is seeded by (seed, epoch)); on resume the first
+``step`` batches of the epoch are skipped. Validation draws its preprocessing noise from a fixed seed inside
+``torch.random.fork_rng``, so the validation loss is comparable between epochs and the training RNG stream is
+untouched by it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hpc_calo.atomic import atomic_path
+from hpc_calo.errors import UserError
+from hpc_calo.train.checkpoint import check_meta, load_checkpoint, rng_state, save_checkpoint, seed_all, set_rng_state
+from hpc_calo.train.config import TrainConfig
+
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+METRICS = "metrics.jsonl"
+
+
+def _device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(cfg.device)
+
+
+def _derived_seed(*keys: int) -> int:
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def to_device(batch: Mapping[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Move a loader batch; floating tensors take the training dtype, integer ones keep theirs."""
+    return {
+        k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype, non_blocking=True)
+        for k, v in batch.items()
+    }
+
+
+def _rows(batch: Mapping[str, torch.Tensor]) -> int:
+    return int(next(iter(batch.values())).shape[0])
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _all_mean(total: float, count: float, device: torch.device) -> tuple[float, float]:
+    """Sum (total, count) over ranks when running distributed."""
+    if _distributed():
+        t = torch.tensor([total, count], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        total, count = float(t[0]), float(t[1])
+    return total, count
+
+
+def save_best(module: nn.Module, path: Path) -> None:
+    saver = getattr(module, "save", None)
+    if callable(saver):
+        saver(path)
+        return
+    with atomic_path(path) as tmp:
+        torch.save({"state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()}}, tmp)
+
+
+@torch.no_grad()
+def evaluate(module: nn.Module, loader: Iterable[Mapping[str, torch.Tensor]] | None, device: torch.device,
+             dtype: torch.dtype, seed: int) -> tuple[float, float]:
+    """(summed loss x rows, rows) over the loader, with a fixed noise seed; the caller reduces over ranks."""
+    if loader is None:
+        return 0.0, 0.0
+    was_training = module.training
+    module.eval()
+    total, count = 0.0, 0
+    fork = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork):
+        torch.manual_seed(seed)
+        for batch in loader:
+            b = to_device(batch, device, dtype)
+            n = _rows(b)
+            total += float(module(b)) * n
+            count += n
+    module.train(was_training)
+    return total, float(count)
+
+
+class _Progress:
+    """One line per interval on rank 0: loss, learning rate, samples/s, ETA; and the metrics.jsonl log."""
+
+    def __init__(self, cfg: TrainConfig, out_dir: Path, enabled: bool, total_steps: int, start_step: int) -> None:
+        self.cfg, self.enabled, self.total, self.start_step = cfg, enabled, total_steps, start_step
+        self.path = out_dir / METRICS
+        self.t0 = time.perf_counter()
+        self.samples = 0
+        self.t_last, self.samples_last = self.t0, 0
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def step(self, epoch: int, global_step: int, loss: float, lr: float, samples: int) -> None:
+        self.samples += samples
+        if not self.enabled or global_step % self.cfg.log_every:
+            return
+        now = time.perf_counter()
+        rate = (self.samples - self.samples_last) / max(now - self.t_last, 1e-9)
+        done = global_step - self.start_step
+        eta = (now - self.t0) / max(done, 1) * (self.total - global_step)
+        self.t_last, self.samples_last = now, self.samples
+        self.write({"event": "step", "epoch": epoch, "step": global_step, "loss": loss, "lr": lr,
+                    "samples_per_s": rate})
+        print(
+            f"[{self.cfg.name}] epoch {epoch + 1}/{self.cfg.epochs} step {global_step}/{self.total} "
+            f"loss {loss:.4f} lr {lr:.2e} {rate:,.0f} samples/s ETA {_hms(eta)}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _hms(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def fit(
+    model: nn.Module,
+    train_loader: Any,
+    val_loader: Any,
+    cfg: TrainConfig,
+    out_dir: Path,
+    rank: int = 0,
+    world_size: int = 1,
+    report: Callable[[dict], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` (``model(batch) -> loss``) and return a summary; resumes from ``out_dir/checkpoint.pt``.
+
+    ``train_loader``: iterable of dict batches with ``len()`` = batches per epoch (equal on all ranks) and
+    optionally ``set_epoch(e)``. A DDP-wrapped ``model`` must already sit on ``cfg.device`` in ``cfg.dtype``;
+    an unwrapped one is moved here. Rank 0 writes ``checkpoint.pt`` (every ``cfg.checkpoint_every`` steps
+    and at each epoch end), ``best.pt`` (lowest validation loss) and ``metrics.jsonl``. ``report(metrics)``
+    runs on every rank at each epoch end. Returns best_val, last_val, global_step, epochs, stopped
+    (True when ``cfg.max_steps`` cut the run short), skipped_steps (non-finite gradients) and train_s.
+    """
+    out_dir = Path(out_dir)
+    is_rank0 = rank == 0
+    if is_rank0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    device, dtype = _device(cfg), cfg.torch_dtype
+    raw: nn.Module = getattr(model, "module", model)
+    if raw is model:
+        model.to(device=device, dtype=dtype)
+    meta = raw.meta() if callable(getattr(raw, "meta", None)) else {}
+
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch < 1:
+        raise UserError(f"{cfg.name}: the training set gives no batch of {cfg.batch_size} (too few examples)")
+    total_steps = cfg.epochs * steps_per_epoch
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.max_lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.max_lr, total_steps=total_steps,
+                                                pct_start=cfg.pct_start)
+
+    epoch, step_in_epoch, global_step, best_val, last_val = 0, 0, 0, math.inf, math.nan
+    ckpt_path = out_dir / CHECKPOINT
+    if ckpt_path.exists():
+        ck = load_checkpoint(ckpt_path)
+        check_meta(ckpt_path, ck.get("meta", {}), meta)
+        if ck["total_steps"] != total_steps or ck["steps_per_epoch"] != steps_per_epoch:
+            raise UserError(
+                f"{ckpt_path}: saved run has {ck['total_steps']} steps ({ck['steps_per_epoch']} per epoch), this "
+                f"one {total_steps} ({steps_per_epoch} per epoch): epochs, batch size or data changed"
+            )
+        raw.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        epoch, step_in_epoch, global_step = ck["epoch"], ck["step_in_epoch"], ck["global_step"]
+        best_val, last_val = ck["best_val"], ck.get("last_val", math.nan)
+        rngs = ck["rng"]
+        if len(rngs) == world_size:
+            set_rng_state(rngs[rank])
+        else:  # another worker count: a reproducible but different stream
+            seed_all(_derived_seed(cfg.seed, rank, global_step))
+        if is_rank0:
+            print(f"[{cfg.name}] resuming at epoch {epoch + 1} step {global_step}/{total_steps}", file=sys.stderr)
+    else:
+        seed_all(_derived_seed(cfg.seed, rank))
+
+    progress = _Progress(cfg, out_dir, is_rank0, total_steps, global_step)
+    t_start = time.perf_counter()
+    skipped = 0
+
+    def checkpoint(ep: int, step: int) -> None:
+        states = [rng_state()]
+        if _distributed() and world_size > 1:
+            states = [None] * world_size
+            dist.all_gather_object(states, rng_state())
+        if is_rank0:
+            save_checkpoint(ckpt_path, {
+                "meta": meta, "config": cfg.to_dict(), "world_size": world_size,
+                "model": raw.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "epoch": ep, "step_in_epoch": step, "global_step": global_step,
+                "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+                "best_val": best_val, "last_val": last_val, "rng": states,
+            })
+
+    def summary(stopped: bool) -> dict[str, Any]:
+        return {"best_val": best_val, "last_val": last_val, "global_step": global_step, "epochs": epoch,
+                "stopped": stopped, "skipped_steps": skipped, "train_s": time.perf_counter() - t_start}
+
+    clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+    while epoch < cfg.epochs:
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)
+        model.train()
+        ep_loss, ep_rows = torch.zeros((), dtype=torch.float64, device=device), 0
+        for i, batch in enumerate(train_loader):
+            if i >= steps_per_epoch:
+                break
+            if i < step_in_epoch:  # resume mid-epoch: replay the epoch's order, skip what was done
+                continue
+            b = to_device(batch, device, dtype)
+            rows = _rows(b)
+            loss = model(b)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            # After DDP's all-reduce the norm is the same on every rank, so all skip together.
+            if torch.isfinite(norm):
+                opt.step()
+            else:
+                skipped += 1
+            sched.step()
+            global_step += 1
+            step_in_epoch = i + 1
+            ep_loss += loss.detach().double() * rows
+            ep_rows += rows
+            if global_step % cfg.log_every == 0:
+                progress.step(epoch, global_step, float(loss.detach()), sched.get_last_lr()[0], rows * world_size)
+            else:
+                progress.samples += rows * world_size
+            if global_step % cfg.checkpoint_every == 0 and step_in_epoch < steps_per_epoch:
+                checkpoint(epoch, step_in_epoch)
+            if cfg.max_steps is not None and global_step >= cfg.max_steps:
+                return summary(stopped=True)
+
+        train_total, train_rows = _all_mean(float(ep_loss), float(ep_rows), device)
+        train_loss = train_total / train_rows if train_rows else math.nan
+        val_total, val_rows = _all_mean(*evaluate(raw, val_loader, device, dtype, _derived_seed(cfg.seed, rank, 7)),
+                                        device)
+        last_val = val_total / val_rows if val_rows else train_loss  # no validation split: track train loss
+        improved = last_val < best_val
+        if improved:
+            best_val = last_val
+            if is_rank0:
+                save_best(raw, out_dir / BEST)
+        epoch += 1
+        step_in_epoch = 0
+        checkpoint(epoch, 0)
+        metrics = {"epoch": epoch, "step": global_step, "train_loss": train_loss, "val_loss": last_val,
+                   "best_val": best_val, "improved": improved, "skipped_steps": skipped,
+                   "elapsed_s": time.perf_counter() - t_start}
+        progress.write({"event": "epoch", **metrics})
+        if is_rank0:
+            print(f"[{cfg.name}] epoch {epoch}/{cfg.epochs} train {train_loss:.4f} val {last_val:.4f} "
+                  f"best {best_val:.4f}{' *' if improved else ''}", file=sys.stderr, flush=True)
+        if report is not None:
+            report(metrics)
+    return summary(stopped=False)

@@ -1,0 +1,146 @@
+"""The pipeline configuration: every choice of a run, as typed dataclasses.
+
+Precedence: defaults < ``--config FILE`` (TOML or JSON) < command-line flags. The resolved configuration is
+written to ``OUT/config.json`` so a run folder always says how it was made; re-running with the same ``--out``
+resumes that run (every stage skips or resumes the work already done).
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from hpc_calo.atomic import atomic_path
+from hpc_calo.errors import UserError
+
+STAGES = ("prep", "teacher", "student", "sample", "evaluate")
+
+
+@dataclass
+class Resources:
+    """What one SLURM job asks for; ignored by ``--cluster local``."""
+
+    nodes: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: int = 2
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str = "01:00:00"  # HH:MM:SS per job; training jobs requeue and resume when it runs out
+    mem_gb: int | None = None
+    # Seconds before the time limit at which SLURM signals the job so it can checkpoint and requeue.
+    signal_delay_s: int = 90
+
+    def minutes(self) -> int:
+        try:
+            h, m, s = (int(x) for x in self.time.split(":"))
+        except ValueError:
+            raise UserError(f"--time must be HH:MM:SS, not {self.time!r}") from None
+        return max(1, h * 60 + m + (1 if s else 0))
+
+
+@dataclass
+class PipelineConfig:
+    dataset: str
+    out: str
+    data: list[str] = field(default_factory=list)  # CaloChallenge training files (real or synthetic)
+    reference: str | None = None  # held-out file: evaluation reference and production energies
+    synthetic: int | None = None  # make a synthetic training set of this many showers instead of --data
+    showers: int | None = None  # production size (default: the reference's size)
+    preset: str = "tiny"
+    seed: int = 1
+    val_fraction: float = 0.1
+    prep_ranks: int = 2
+    workers: int = 1  # Ray Train workers for the flow-3 teacher and student
+    sample_backend: str = "local"  # local | mpi | ray
+    sample_workers: int = 2
+    epochs: int | None = None  # override every flow's preset epochs (quick runs)
+    eval_epochs: int = 50  # classifier epochs of the evaluation (official: 50)
+    resources: Resources = field(default_factory=Resources)
+
+    @property
+    def root(self) -> Path:
+        return Path(self.out).resolve()
+
+    def path(self, name: str) -> Path:
+        """Every artefact of a run lives at a fixed place under OUT."""
+        return self.root / {
+            "config": "config.json",
+            "data": "data",
+            "store": "store.zarr",
+            "run": "run",
+            "production": "production.h5",
+            "report": "report",
+            "logs": "logs",
+        }[name]
+
+    def training_files(self) -> list[Path]:
+        if self.synthetic:
+            return [self.path("data") / "train.h5"]
+        return [Path(p).resolve() for p in self.data]
+
+    def reference_file(self) -> Path:
+        if self.reference:
+            return Path(self.reference).resolve()
+        return self.path("data") / "reference.h5"
+
+    def validate(self) -> None:
+        if self.dataset not in ("ds2", "ds3"):
+            raise UserError(f"--dataset must be ds2 or ds3, not {self.dataset!r}")
+        if bool(self.data) == bool(self.synthetic):
+            raise UserError("give exactly one of --data FILES or --synthetic N")
+        if self.synthetic is not None and self.synthetic < 100:
+            raise UserError("--synthetic needs at least 100 showers")
+        if self.data and not self.reference:
+            raise UserError("--data needs --reference REF.h5 (the held-out file used for evaluation)")
+        for p in [*self.data, *([self.reference] if self.reference else [])]:
+            if not Path(p).is_file():
+                raise UserError(f"{p}: no such file")
+        if self.showers is not None and self.showers <= 0:
+            raise UserError("--showers must be positive")
+        if self.sample_backend not in ("local", "mpi", "ray"):
+            raise UserError(f"--sample-backend must be local, mpi or ray, not {self.sample_backend!r}")
+        self.resources.minutes()
+
+    def save(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.path("config")) as tmp:
+            tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+def _merge(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise UserError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}")
+    return values
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML or JSON configuration file into plain dicts (``[resources]`` is a table)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: no such configuration file")
+    try:
+        data = tomllib.loads(p.read_text()) if p.suffix == ".toml" else json.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{p}: cannot parse: {err}") from None
+    _merge(PipelineConfig, {k: v for k, v in data.items() if k != "resources"}, str(p))
+    _merge(Resources, data.get("resources", {}), f"{p} [resources]")
+    return data
+
+
+def resolve(file_values: dict[str, Any], flag_values: dict[str, Any]) -> PipelineConfig:
+    """Defaults, then the file, then the flags that were given (None means not given)."""
+    res = {**file_values.get("resources", {}), **{k: v for k, v in flag_values.pop("resources", {}).items()
+                                                  if v is not None}}
+    top = {k: v for k, v in file_values.items() if k != "resources"}
+    top.update({k: v for k, v in flag_values.items() if v is not None})
+    if "dataset" not in top or "out" not in top:
+        raise UserError("--dataset and --out are required (on the command line or in --config)")
+    cfg = PipelineConfig(**top, resources=Resources(**res))
+    cfg.validate()
+    return cfg

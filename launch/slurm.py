@@ -1,0 +1,172 @@
+"""Submit the stages to SLURM as dependent jobs through submitit, and follow them to the end.
+
+Prep (and MPI sampling) run as one srun task per MPI rank; teacher and student run one task per node with a
+Ray cluster started inside the allocation. Training jobs are ``Checkpointable``: on timeout or preemption
+submitit requeues them with the same arguments, and the training loop resumes from the run's last
+checkpoint. Dependants use ``afterok`` with ``kill-on-invalid-dep``, so a failed stage cancels the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from launch import stages
+from launch.config import PipelineConfig, Resources
+
+log = logging.getLogger(__name__)
+
+DONE_STATES = {"COMPLETED"}
+FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
+
+
+def _config_from_dict(d: dict[str, Any]) -> PipelineConfig:
+    return PipelineConfig(**{**d, "resources": Resources(**d["resources"])})
+
+
+class StageJob(submitit.helpers.Checkpointable):
+    """One stage as a SLURM job; requeued with the same arguments when its time runs out."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+
+    def __call__(self, cfg_dict: dict[str, Any]) -> str:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        cfg = _config_from_dict(cfg_dict)
+        env = submitit.JobEnvironment()
+        multi_task = env.num_tasks > 1
+        if self.stage == "prep":
+            stages.prep(cfg, mpi=multi_task)
+        elif self.stage in ("teacher", "student"):
+            self._train(cfg, env)
+        elif self.stage == "sample":
+            stages.sample(cfg, mpi=multi_task)
+        elif self.stage == "evaluate":
+            stages.evaluate(cfg)
+        else:
+            raise ValueError(f"unknown stage {self.stage}")
+        return self.stage
+
+    def _train(self, cfg: PipelineConfig, env: submitit.JobEnvironment) -> None:
+        run = getattr(stages, self.stage)
+        if env.num_nodes == 1 and cfg.workers == 1:
+            run(cfg)
+            return
+        from launch.ray_cluster import ray_in_allocation
+
+        with ray_in_allocation(
+            hostnames=list(env.hostnames), rank=env.global_rank, job_id=str(env.job_id),
+            done_dir=cfg.path("logs"), cpus=cfg.resources.cpus_per_task, gpus=cfg.resources.gpus_per_node,
+        ) as address:
+            if address is not None:
+                run(cfg, address=address)
+
+
+@dataclass
+class Planned:
+    stage: str
+    tasks_per_node: int
+    nodes: int
+    mpi: bool
+    checkpointable: bool
+
+
+def plan(cfg: PipelineConfig, selected: list[str]) -> list[Planned]:
+    res = cfg.resources
+    out = []
+    for stage in selected:
+        if stage == "prep":
+            out.append(Planned(stage, cfg.prep_ranks, 1, True, False))
+        elif stage in ("teacher", "student"):
+            out.append(Planned(stage, 1, res.nodes, False, True))
+        elif stage == "sample" and cfg.sample_backend == "mpi":
+            out.append(Planned(stage, cfg.sample_workers, res.nodes, True, False))
+        else:
+            out.append(Planned(stage, 1, 1, False, False))
+    return out
+
+
+def _executor(cfg: PipelineConfig, p: Planned, dependency: str | None) -> submitit.AutoExecutor:
+    res = cfg.resources
+    ex = submitit.AutoExecutor(folder=cfg.path("logs") / p.stage, cluster="slurm")
+    extra: dict[str, Any] = {}
+    if dependency:
+        extra = {"dependency": f"afterok:{dependency}", "kill-on-invalid-dep": "yes"}
+    params: dict[str, Any] = {
+        "name": f"hpc-calo-{p.stage}",
+        "timeout_min": res.minutes(),
+        "nodes": p.nodes,
+        "tasks_per_node": p.tasks_per_node,
+        "cpus_per_task": res.cpus_per_task if p.tasks_per_node == 1 else 1,
+        "slurm_signal_delay_s": res.signal_delay_s,
+        "slurm_additional_parameters": extra,
+    }
+    if res.gpus_per_node and p.stage in ("teacher", "student", "sample"):
+        params["gpus_per_node"] = res.gpus_per_node
+    if res.mem_gb:
+        params["mem_gb"] = res.mem_gb
+    for key, value in (("slurm_partition", res.partition), ("slurm_account", res.account),
+                       ("slurm_qos", res.qos)):
+        if value:
+            params[key] = value
+    if p.mpi:
+        params["slurm_srun_args"] = ["--mpi=pmi2"]
+    ex.update_parameters(**params)
+    return ex
+
+
+def describe(cfg: PipelineConfig, planned: list[Planned]) -> str:
+    lines = [f"{'stage':9} {'nodes':>5} {'tasks/node':>10} {'time':>9}  kind"]
+    for p in planned:
+        kind = "MPI (srun --mpi=pmi2)" if p.mpi else ("Ray in allocation, requeue+resume" if p.checkpointable
+                                                       else "single task")
+        lines.append(f"{p.stage:9} {p.nodes:>5} {p.tasks_per_node:>10} {cfg.resources.time:>9}  {kind}")
+    lines.append("each stage depends on the previous one (afterok; a failure cancels the rest)")
+    return "\n".join(lines)
+
+
+def submit(cfg: PipelineConfig, selected: list[str]) -> list[tuple[str, submitit.Job]]:
+    jobs: list[tuple[str, submitit.Job]] = []
+    previous: str | None = None
+    cfg_dict = asdict(cfg)
+    for p in plan(cfg, selected):
+        job = _executor(cfg, p, previous).submit(StageJob(p.stage), cfg_dict)
+        jobs.append((p.stage, job))
+        previous = job.job_id
+        print(f"submitted {p.stage:9} job {job.job_id}  logs {Path(job.paths.stdout).parent}", flush=True)
+    return jobs
+
+
+def _tail(path: Path, n: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return f"(no log at {path})"
+
+
+def follow(jobs: list[tuple[str, submitit.Job]], poll_s: float = 5.0) -> tuple[bool, str]:
+    """Wait for every job; on the first failure cancel the rest and return its stage and log tail."""
+    last: dict[str, str] = {}
+    pending = list(jobs)
+    while pending:
+        stage, job = pending[0]
+        state = job.state.split()[0].upper()
+        if last.get(stage) != state:
+            print(f"  {stage:9} job {job.job_id}: {state}", flush=True)
+            last[stage] = state
+        if state in DONE_STATES:
+            pending.pop(0)
+            continue
+        if state in FAILED_STATES:
+            for _, other in pending[1:]:
+                other.cancel(check=False)
+            msg = (f"stage {stage!r} (job {job.job_id}) ended {state}; the stages after it were cancelled.\n"
+                   f"--- tail of {job.paths.stderr} ---\n{_tail(Path(job.paths.stderr))}")
+            return False, msg
+        time.sleep(poll_s)
+    return True, ""

@@ -1,0 +1,56 @@
+"""Shared fixtures: cached synthetic CaloChallenge files made by the embedded GFlash generator."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from data_prep.synth import write_synthetic
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Factory ``synthetic(dataset, n, seed=0) -> Path``: a CaloChallenge HDF5 file, made once per session.
+
+    The files are shared between tests: treat them as read-only (copy one before modifying it).
+    """
+    root = tmp_path_factory.mktemp("synthetic")
+    cache: dict[tuple[str, int, int], Path] = {}
+
+    def make(dataset: str, n: int, seed: int = 0) -> Path:
+        key = (dataset.lower(), int(n), int(seed))
+        if key not in cache:
+            cache[key] = write_synthetic(root / f"{key[0]}_n{key[1]}_s{key[2]}.h5", key[0], key[1], key[2])
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_run(synthetic: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real DS2 run directory: 40 synthetic showers converted to a store, the three ``tiny`` teachers trained
+    for one epoch each through the real CLIs (run in-process to skip interpreter start-up), plus flow-2/3
+    students saved RANDOMLY INITIALISED through ``FlowModel.save`` (no distillation: a MAF teacher samples one
+    feature at a time, far too slow for tests; the students make ``Chain`` take the fast IAF path).
+    Treat as read-only."""
+    import torch
+
+    from data_prep.convert import main as convert
+    from hpc_calo.geometry import DS2
+    from hpc_calo.models import FlowModel
+    from hpc_calo.train.__main__ import main as train
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    store, run = root / "store.zarr", root / "run"
+    assert not convert(["--dataset", "ds2", str(synthetic("ds2", 40, 7)), "--out", str(store), "--quiet"])
+    for flow in (1, 2, 3):
+        args = ["--flow", str(flow), "--store", str(store), "--preset", "tiny", "--out", str(run), "--epochs", "1"]
+        assert not train([*args, "--log-every", "1000"])
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        for flow in (2, 3):
+            (run / f"flow{flow}_student").mkdir()
+            FlowModel.from_preset(flow, DS2, "tiny", student=True).save(run / f"flow{flow}_student" / "best.pt")
+    return run

@@ -1,0 +1,122 @@
+"""The generation chain: a valid CaloChallenge file with the requested showers and energies, deterministically."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from hpc_calo.errors import UserError, run_cli
+from hpc_calo.flows.build import FlowSpec
+from hpc_calo.flows.presets import get_preset
+from hpc_calo.generate import Chain
+from hpc_calo.generate import main as generate_main
+from hpc_calo.geometry import DS2, THRESHOLD_MEV
+from hpc_calo.io import check_file
+from hpc_calo.models import FlowModel
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: the CI box has 2 shared cores, and OpenMP spinning under contention costs 10x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def micro(flow: int, student: bool = False) -> FlowModel:
+    """A one-block flow: the MAF samples 144 sequential passes per layer, so keep each pass cheap."""
+    full = get_preset("tiny").spec(flow, DS2)
+    spec = FlowSpec(full.features, full.context, hidden=8, layers=1, blocks=1, bins=2, perm_seed=flow)
+    torch.manual_seed(flow)
+    return FlowModel(flow, DS2, spec, student=student, preset="tiny")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder with (untrained) flows: the chain's mechanics do not depend on the weights."""
+    run = tmp_path_factory.mktemp("gen") / "run"
+    for k in (1, 2, 3):
+        (run / f"flow{k}").mkdir(parents=True)
+        micro(k).save(run / f"flow{k}" / "best.pt")
+    for k in (2, 3):  # one-pass students keep the determinism test fast; the CLI test runs the teachers
+        (run / f"flow{k}_student").mkdir(parents=True)
+        micro(k, student=True).save(run / f"flow{k}_student" / "best.pt")
+    (run / "run.json").write_text(json.dumps({"format": "hpc-calo-run", "dataset": "ds2", "preset": "tiny",
+                                              "energy_range": [1e3, 1e6]}))
+    return run
+
+
+def test_cli_writes_a_valid_file_with_the_reference_energies(
+    run_dir: Path, synthetic: Callable[..., Path], tmp_path: Path
+) -> None:
+    ref = synthetic("ds2", 1500)
+    out = tmp_path / "gen.h5"
+    with pytest.raises(SystemExit) as done:
+        run_cli(generate_main, ["--run", str(run_dir), "--showers", "6", "--out", str(out), "--energies", str(ref),
+                                "--batch-size", "6", "--seed", "3", "--students", "no", "--no-progress"])
+    assert done.value.code == 0
+    summary = check_file(out, DS2)  # what python -m hpc_calo.io check runs
+    assert summary.n == 6
+    with h5py.File(out) as g, h5py.File(ref) as r:
+        assert np.array_equal(g["incident_energies"][:], r["incident_energies"][:6])
+        showers = g["showers"][:]
+    assert showers.min() >= 0 and np.all((showers == 0) | (showers >= THRESHOLD_MEV))
+    assert (showers > 0).any()
+
+
+def test_sampling_is_deterministic_and_independent_of_batch_size(run_dir: Path) -> None:
+    chain = Chain.load(run_dir)  # flows 2 and 3: the students, present in this run
+    assert chain.geometry is DS2 and chain.energy_range == (1e3, 1e6)
+    assert chain.students == {1: False, 2: True, 3: True}
+    e = np.geomspace(1e3, 1e6, 7)
+    a = chain.sample(e, seed=5, batch_size=7)
+    assert a.shape == (7, DS2.n_voxels) and a.dtype == np.float32
+    assert np.array_equal(a, chain.sample(e, seed=5, batch_size=7))
+    b = chain.sample(e, seed=5, batch_size=3)  # other batch boundaries, same random numbers per row
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    assert not np.array_equal(a, chain.sample(e, seed=6, batch_size=7))
+    # rows are generated independently: the first rows of a longer request are the same showers
+    np.testing.assert_allclose(chain.sample(e[:2], seed=5, batch_size=2), a[:2], rtol=1e-4, atol=1e-4)
+
+
+def test_students_are_used_where_present(run_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    for k in (1, 2, 3):
+        (run / f"flow{k}").mkdir(parents=True)
+        (run / f"flow{k}" / "best.pt").write_bytes((run_dir / f"flow{k}" / "best.pt").read_bytes())
+    (run / "run.json").write_text((run_dir / "run.json").read_text())
+    with pytest.raises(UserError, match="flow2_student"):
+        Chain.load(run, students=True)
+    (run / "flow2_student").mkdir()
+    micro(2, student=True).save(run / "flow2_student" / "best.pt")
+    assert Chain.load(run).students == {1: False, 2: True, 3: False}
+    assert Chain.load(run, students=False).students == {1: False, 2: False, 3: False}
+
+
+def test_cli_errors(run_dir: Path, synthetic: Callable[..., Path], tmp_path: Path,
+                    capsys: pytest.CaptureFixture[str]) -> None:
+    def refused(argv: list[str], match: str) -> None:
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(generate_main, [*argv, "--out", str(tmp_path / "x.h5"), "--no-progress"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1 and match in err[0], err
+        assert not (tmp_path / "x.h5").exists()
+
+    refused(["--run", str(tmp_path / "nope"), "--showers", "3"], "not a run folder")
+    incomplete = tmp_path / "incomplete"
+    (incomplete / "flow1").mkdir(parents=True)
+    (incomplete / "run.json").write_text((run_dir / "run.json").read_text())
+    (incomplete / "flow1" / "best.pt").write_bytes((run_dir / "flow1" / "best.pt").read_bytes())
+    refused(["--run", str(incomplete), "--showers", "3"], "flow2/best.pt is missing")
+    refused(["--run", str(run_dir), "--showers", "2000", "--energies", str(synthetic("ds2", 1500))], "fewer than")
+    refused(["--run", str(run_dir)], "--showers")
+    (incomplete / "flow2").mkdir()
+    (incomplete / "flow2" / "best.pt").write_bytes(b"junk")
+    refused(["--run", str(incomplete), "--showers", "3"], "corrupt")

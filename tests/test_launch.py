@@ -1,0 +1,220 @@
+"""The launchers: configuration, dry runs, and the whole pipeline on this machine, on a real single-node SLURM
+cluster (submitted, requeued, failed) and through ``ray job submit`` on a local Ray head."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hpc_calo.errors import UserError
+from hpc_calo.io import check_file
+from launch.config import load_file, resolve
+
+PY = sys.executable
+# Small enough for CI, large enough that every stage does real work.
+TINY = ["--dataset", "ds2", "--synthetic", "400", "--showers", "200", "--preset", "tiny", "--epochs", "1",
+        "--eval-epochs", "2", "--prep-ranks", "2", "--sample-workers", "2"]
+
+
+def submit(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PY, "-m", "launch.submit", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def assert_pipeline_outputs(out: Path, n: int = 200) -> None:
+    summary = check_file(out / "production.h5")
+    assert summary.n == n and summary.dataset == "ds2"
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert report, "empty evaluation report"
+    assert (out / "report" / "report.md").is_file()
+    resolved = json.loads((out / "config.json").read_text())
+    assert resolved["preset"] == "tiny" and resolved["synthetic"] == 400
+
+
+def test_config_precedence_file_then_flags(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "run.toml"
+    cfg_file.write_text('preset = "small"\nepochs = 3\n[resources]\ntime = "00:10:00"\npartition = "gpu"\n')
+    values = load_file(cfg_file)
+    cfg = resolve(values, {"dataset": "ds2", "out": str(tmp_path / "o"), "synthetic": 500, "epochs": 1,
+                           "preset": None, "resources": {"time": None, "nodes": 2}})
+    assert (cfg.preset, cfg.epochs, cfg.synthetic) == ("small", 1, 500)
+    assert (cfg.resources.time, cfg.resources.partition, cfg.resources.nodes) == ("00:10:00", "gpu", 2)
+    assert cfg.resources.minutes() == 10
+
+
+@pytest.mark.parametrize(
+    ("text", "flags", "message"),
+    [
+        ("colour = 1\n", {}, "unknown setting"),
+        ("", {"synthetic": 500, "data": ["x.h5"]}, "exactly one of"),
+        ("", {"synthetic": 500, "sample_backend": "carrier-pigeon"}, "--sample-backend"),
+        ("[resources]\ntime = '90 minutes'\n", {"synthetic": 500}, "HH:MM:SS"),
+        ("", {"data": ["/nonexistent.h5"], "reference": "/nonexistent.h5"}, "no such file"),
+    ],
+)
+def test_config_errors(tmp_path: Path, text: str, flags: dict, message: str) -> None:
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text(text)
+    with pytest.raises(UserError, match=message):
+        resolve(load_file(cfg_file), {"dataset": "ds2", "out": str(tmp_path / "o"), **flags, "resources": {}})
+
+
+def test_dry_run_prints_plan_and_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    r = submit("--cluster", "slurm", *TINY, "--out", str(out), "--nodes", "2", "--gpus-per-node", "4",
+               "--sample-backend", "mpi", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    for stage in ("prep", "teacher", "student", "sample", "evaluate"):
+        assert stage in r.stdout
+    assert "MPI (srun --mpi=pmi2)" in r.stdout and "Ray in allocation" in r.stdout
+    assert not out.exists()
+
+
+def test_bad_request_is_one_line(tmp_path: Path) -> None:
+    r = submit("--cluster", "local", "--dataset", "ds2", "--out", str(tmp_path / "o"), "--data", "/nope.h5",
+               "--reference", "/nope.h5")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["error: /nope.h5: no such file"]
+
+
+@pytest.mark.integration
+def test_local_pipeline_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "local"
+    r = submit("--cluster", "local", *TINY, "--out", str(out))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert_pipeline_outputs(out)
+    # Re-running the same command finds everything done and changes nothing.
+    before = (out / "production.h5").stat().st_mtime_ns
+    r = submit("--cluster", "local", *TINY, "--out", str(out), "--stage", "sample")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "production.h5").stat().st_mtime_ns == before
+
+
+# --- SLURM ---------------------------------------------------------------------------------------------
+
+def _slurm_up() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    r = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
+    return r.returncode == 0 and any(s in r.stdout for s in ("idle", "mix", "alloc"))
+
+
+@pytest.fixture
+def slurm() -> None:
+    if not _slurm_up():
+        if os.environ.get("HPC_CALO_REQUIRE_SLURM") == "1":
+            pytest.fail("HPC_CALO_REQUIRE_SLURM=1 but no SLURM cluster answers (slurm/local_cluster.sh up)")
+        pytest.skip("no SLURM cluster (start one with slurm/local_cluster.sh up)")
+
+
+def _sacct_states(job_ids: list[str]) -> dict[str, list[str]]:
+    r = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)],
+                       capture_output=True, text=True, check=True)
+    states: dict[str, list[str]] = {}
+    for line in r.stdout.split():
+        jid, state = line.split("|")
+        states.setdefault(jid, []).append(state.split()[0])
+    return states
+
+
+def _job_ids(stdout: str) -> dict[str, str]:
+    ids = {}
+    for line in stdout.splitlines():
+        if line.startswith("submitted"):
+            words = line.split()
+            ids[words[1]] = words[3]
+    return ids
+
+
+@pytest.mark.integration
+def test_slurm_pipeline_end_to_end(slurm: None, tmp_path: Path) -> None:
+    out = tmp_path / "slurm"
+    r = submit("--cluster", "slurm", *TINY, "--out", str(out), "--sample-backend", "mpi", "--time", "00:10:00")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ids = _job_ids(r.stdout)
+    assert list(ids) == ["prep", "teacher", "student", "sample", "evaluate"]
+    states = _sacct_states(list(ids.values()))
+    assert all(states[j][-1] == "COMPLETED" for j in ids.values()), states
+    assert_pipeline_outputs(out)
+    # prep ran as 2 MPI ranks under srun: the store records the ranks of its conversion.
+    store_attrs = json.loads((out / "store.zarr" / "zarr.json").read_text())["attributes"]
+    assert store_attrs["timing"]["ranks"] == 2
+
+
+@pytest.mark.integration
+def test_slurm_failed_stage_cancels_the_rest(slurm: None, tmp_path: Path) -> None:
+    bad = tmp_path / "corrupt.h5"
+    bad.write_bytes(b"\x89HDF\r\n\x1a\n" + os.urandom(4096))
+    out = tmp_path / "failing"
+    r = submit("--cluster", "slurm", "--dataset", "ds2", "--data", str(bad), "--reference", str(bad),
+               "--preset", "tiny", "--out", str(out), "--time", "00:05:00")
+    assert r.returncode == 2
+    assert "stage 'prep'" in r.stderr and "the stages after it were cancelled" in r.stderr
+    assert "corrupt.h5" in r.stderr  # the tail of the failing job's log names the file
+    ids = _job_ids(r.stdout)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        states = _sacct_states(list(ids.values()))
+        if states.get(ids["evaluate"], ["PENDING"])[-1] == "CANCELLED":
+            break
+        time.sleep(2)
+    assert states[ids["prep"]][-1] == "FAILED"
+    assert all(states[ids[s]][-1] == "CANCELLED" for s in ("teacher", "student", "sample", "evaluate")), states
+
+
+@pytest.mark.integration
+def test_slurm_training_requeues_on_timeout_and_resumes(slurm: None, tmp_path: Path) -> None:
+    """A one-minute time limit with the checkpoint signal 40 s before it: the teacher job is signalled,
+    submitit requeues it, and the second attempt resumes the run from its last checkpoint."""
+    out = tmp_path / "requeue"
+    common = ["--dataset", "ds2", "--synthetic", "400", "--showers", "200", "--preset", "tiny", "--out", str(out)]
+    r = submit("--cluster", "local", *common, "--stage", "prep", "--prep-ranks", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = submit("--cluster", "slurm", *common, "--stage", "teacher", "--epochs", "60", "--time", "00:01:00",
+               "--signal-delay-s", "40", timeout=1200)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    job = _job_ids(r.stdout)["teacher"]
+    states = _sacct_states([job])[job]
+    assert states[-1] == "COMPLETED" and len(states) >= 2, states  # earlier attempts were requeued
+    log_text = "".join(p.read_text(errors="replace") for p in (out / "logs" / "teacher").glob("*.out"))
+    assert "resum" in log_text.lower()
+    for flow in (1, 2, 3):
+        assert (out / "run" / f"flow{flow}" / "best.pt").is_file()
+
+
+# --- Ray job submission ---------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.integration
+def test_ray_job_submit_against_local_head(tmp_path: Path) -> None:
+    ray = str(Path(PY).parent / "ray")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    port, dash = _free_port(), _free_port()
+    temp = f"/tmp/rj{os.getpid()}"
+    subprocess.run([ray, "start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=2",
+                    f"--temp-dir={temp}", "--disable-usage-stats"], check=True, env=env, capture_output=True)
+    try:
+        out = tmp_path / "rayjob"
+        r = subprocess.run(
+            [ray, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--",
+             PY, "-m", "launch.ray_job", *TINY, "--out", str(out)],
+            capture_output=True, text=True, env=env, timeout=900,
+        )
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+        assert "succeeded" in r.stdout.lower()
+        assert_pipeline_outputs(out)
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True)
+        shutil.rmtree(temp, ignore_errors=True)

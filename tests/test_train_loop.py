@@ -1,0 +1,137 @@
+"""The one training loop on a real pair store made from a real synthetic file: learning, exact resume, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_prep.convert import main as convert_main
+from hpc_calo.data.store import ShardedLoader, open_store
+from hpc_calo.errors import run_cli
+from hpc_calo.geometry import DS2
+from hpc_calo.models import FlowModel, load_flow_model
+from hpc_calo.train import TrainConfig, fit
+from hpc_calo.train.__main__ import main as train_main
+from hpc_calo.train.checkpoint import load_checkpoint
+
+KINDS = {1: "energies", 2: "layer0", 3: "pairs"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: the CI box has 2 shared cores, and OpenMP spinning under contention costs 10x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def store(synthetic: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("train") / "ds2.zarr"
+    assert convert_main(["--dataset", "ds2", str(synthetic("ds2", 1500)), "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def loaders(store: Path, flow: int, batch: int = 256, shards: int = 1) -> tuple[ShardedLoader, ShardedLoader]:
+    """Rank 0 of ``shards`` pretend ranks: a smaller real slice of the store for the flow-3 tests."""
+    s = open_store(store)
+    return (ShardedLoader(s, "train", KINDS[flow], batch, 0, shards, 1.0, seed=0),
+            ShardedLoader(s, "val", KINDS[flow], batch, 0, shards, 0.5, seed=0))
+
+
+def model(flow: int, dtype: torch.dtype = torch.float32) -> FlowModel:
+    torch.manual_seed(0)
+    return FlowModel.from_preset(flow, DS2, "tiny").to(dtype)
+
+
+def epochs(out: Path) -> list[dict]:
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [x for x in lines if x["event"] == "epoch"]
+
+
+@pytest.mark.parametrize(("flow", "n_epochs", "shards"), [(1, 4, 1), (2, 3, 1), (3, 2, 6)])
+def test_likelihood_is_finite_and_improves(store: Path, tmp_path: Path, flow: int, n_epochs: int, shards: int) -> None:
+    cfg = TrainConfig(epochs=n_epochs, batch_size=256, max_lr=3e-3, log_every=5, name=f"flow-{flow}")
+    reports: list[dict] = []
+    result = fit(model(flow), *loaders(store, flow, shards=shards), cfg, tmp_path, report=reports.append)
+    ep = epochs(tmp_path)
+    vals = [e["val_loss"] for e in ep]
+    assert len(ep) == n_epochs and [r["epoch"] for r in reports] == list(range(1, n_epochs + 1))
+    assert all(torch.isfinite(torch.tensor(vals)))
+    assert vals[-1] < vals[0] - 1.0  # validation NLL (nats) goes down
+    assert result["best_val"] == min(vals) and result["skipped_steps"] == 0 and not result["stopped"]
+    best = load_flow_model(tmp_path / "best.pt", dataset="ds2", flow=flow)
+    assert best.preset == "tiny"
+
+
+def _run(store: Path, out: Path, max_steps: int | None) -> dict:
+    cfg = TrainConfig(epochs=2, batch_size=256, max_lr=3e-3, checkpoint_every=4, log_every=100, max_steps=max_steps)
+    return fit(model(2), *loaders(store, 2), cfg, out)
+
+
+def test_resume_is_bit_identical(store: Path, tmp_path: Path) -> None:
+    reference = tmp_path / "uninterrupted"
+    assert _run(store, reference, None)["global_step"] == 12  # 6 steps per epoch (1350 showers / 256)
+    final = torch.load(reference / "checkpoint.pt", weights_only=False)["model"]
+    for kill_at, resume_at in ((5, 4), (7, 6)):  # mid-epoch checkpoint at 4; epoch-end checkpoint at 6
+        out = tmp_path / f"killed_{kill_at}"
+        stopped = _run(store, out, kill_at)
+        assert stopped["stopped"] and stopped["global_step"] == kill_at
+        assert load_checkpoint(out / "checkpoint.pt")["global_step"] == resume_at
+        resumed = _run(store, out, None)  # fresh model, fresh loaders: as after a restart
+        assert resumed["global_step"] == 12 and not resumed["stopped"]
+        weights = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
+        for k, w in final.items():
+            assert torch.equal(w, weights[k]), f"{k} differs after a kill at step {kill_at}"
+        assert resumed["best_val"] == torch.load(reference / "checkpoint.pt", weights_only=False)["best_val"]
+
+
+def test_float64_training(store: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(epochs=1, batch_size=256, max_lr=3e-3, dtype="float64")
+    m = model(1, torch.float64)
+    result = fit(m, *loaders(store, 1), cfg, tmp_path)
+    assert torch.isfinite(torch.tensor(result["best_val"]))
+    assert load_flow_model(tmp_path / "best.pt", dtype=torch.float64).dtype == torch.float64
+
+
+def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train_main, argv)
+    return int(exit_info.value.code), capsys.readouterr().err
+
+
+def test_cli_trains_and_refuses_bad_input(store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    base = ["--store", str(store), "--out", str(run), "--epochs", "1", "--threads", "1"]
+    code, _ = _cli(["--flow", "1", "--preset", "tiny", *base], capsys)
+    assert code == 0
+    record = json.loads((run / "run.json").read_text())
+    assert record["dataset"] == "ds2" and record["preset"] == "tiny"
+    assert 1e3 <= record["energy_range"][0] < record["energy_range"][1] <= 1e6
+    assert {p.name for p in (run / "flow1").iterdir()} >= {"best.pt", "checkpoint.pt", "metrics.jsonl", "config.json"}
+
+    def refused(argv: list[str], match: str) -> None:
+        code, err = _cli(argv, capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and match in lines[0], err
+
+    refused(["--flow", "1", "--preset", "tiny", *base[:1], str(tmp_path / "nope.zarr"), *base[2:]], "no such store")
+    incomplete = tmp_path / "incomplete.zarr"
+    shutil.copytree(store, incomplete)
+    meta = json.loads((incomplete / "zarr.json").read_text())
+    meta["attributes"]["complete"] = False
+    (incomplete / "zarr.json").write_text(json.dumps(meta))
+    refused(["--flow", "1", "--preset", "tiny", "--store", str(incomplete), *base[2:]], "incomplete store")
+    refused(["--flow", "1", "--preset", "ds3", *base], "preset 'ds3' is for ds3")
+    refused(["--flow", "1", "--preset", "small", *base], "not 'small'")  # run folder of another preset
+    (run / "flow2").mkdir()
+    shutil.copy(run / "flow1" / "checkpoint.pt", run / "flow2" / "checkpoint.pt")
+    refused(["--flow", "2", "--preset", "tiny", *base], "checkpoint has flow=1")
+    (run / "flow2" / "checkpoint.pt").write_bytes(b"garbage")
+    refused(["--flow", "2", "--preset", "tiny", *base], "corrupt")
