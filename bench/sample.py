@@ -108,8 +108,9 @@ def _time(fn: Callable[[], Any], device: str, reps: int, budget_s: float) -> tup
 
 def time_cell(chain: Chain, batch: int, device: str, reps: int, cap_s: float, predicted_s: float | None
               ) -> dict[str, Any]:
-    if predicted_s is not None and predicted_s > cap_s * 3:
-        return {"how": "skipped", "predicted_ms_per_shower": predicted_s * 1e3 / batch}
+    """``predicted_s``: the expected seconds of ONE flow-3 layer at this batch; skip when that exceeds the cap."""
+    if predicted_s is not None and predicted_s > cap_s:
+        return {"how": "skipped", "predicted_layer_s": round(predicted_s, 1)}
     head, step = parts(chain, batch, device)
     t_step, n_step = _time(step, device, reps, cap_s / 4)
     t_head, n_head = _time(head, device, reps, cap_s / 8)
@@ -186,16 +187,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_s = time.perf_counter() - t_build
         prev: tuple[int, float] | None = None
         for b in batches:
-            # Predicted seconds: ms/shower at the last smaller batch (an upper bound) x showers; batch 1 is
-            # dominated by per-op overhead, so it predicts nothing.
+            # Predicted seconds of one layer: its ms/shower at the last smaller batch (an upper bound) x showers;
+            # batch 1 is dominated by per-op overhead, so it predicts nothing.
             predicted = None if prev is None or prev[0] < 100 else prev[1] * 1e-3 * b
             cell = time_cell(chain, b, args.device, args.reps, args.cap, predicted)
             cell.update(dataset=ds, variant=variant, dtype=str(dtype).removeprefix("torch."), batch=b,
                         setup_s=round(build_s, 2))
             results.append(cell)
             print(json.dumps(cell), file=sys.stderr, flush=True)
-            if "ms_per_shower" in cell:
-                prev = (b, cell["ms_per_shower"])
+            if "layer_ms_per_shower" in cell:
+                prev = (b, cell["layer_ms_per_shower"])
         del chain
     ratios = {}
     for r in results:

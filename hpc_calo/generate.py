@@ -90,8 +90,12 @@ class Chain:
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike[str], device: str | torch.device = "cpu",
-             dtype: torch.dtype = torch.float32, students: bool | None = None) -> Chain:
-        """Load ``RUN_DIR/flow{1,2,3}[_student]/best.pt``. students: None uses a student where one exists."""
+             dtype: torch.dtype = torch.float32, students: bool | None = None, fast: bool = True) -> Chain:
+        """Load ``RUN_DIR/flow{1,2,3}[_student]/best.pt``. students: None uses a student where one exists.
+
+        ``fast`` samples students through hpc_calo.flows.fast (equal to nflows to rounding, several times faster);
+        every entry point loads chains this way, so production is reproducible across backends.
+        """
         run_dir = Path(run_dir)
         run = read_run(run_dir)
         geometry = get_geometry(run["dataset"])
@@ -105,7 +109,8 @@ class Chain:
                 raise UserError(f"{run_dir}: incomplete run, {path} is missing (train {what} first)")
             flows[k] = load_flow_model(path, device, dtype, dataset=geometry.name, flow=k)
         lo, hi = run.get("energy_range", (E_INC_MIN_MEV, E_INC_MAX_MEV))
-        return cls(flows, geometry, (float(lo), float(hi)), run=run)
+        chain = cls(flows, geometry, (float(lo), float(hi)), run=run)
+        return chain.use_fast_students() if fast else chain
 
     @torch.no_grad()
     def _sample_rows(self, e_inc: torch.Tensor, noise: _RowNoise) -> torch.Tensor:

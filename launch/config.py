@@ -33,6 +33,8 @@ class Resources:
     mem_gb: int | None = None
     # Seconds before the time limit at which SLURM signals the job so it can checkpoint and requeue.
     signal_delay_s: int = 90
+    # Requeues a training job may use before giving up; a multi-day training under a 24 h limit needs several.
+    max_requeues: int = 20
 
     def minutes(self) -> int:
         try:

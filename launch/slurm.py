@@ -93,7 +93,8 @@ def plan(cfg: PipelineConfig, selected: list[str]) -> list[Planned]:
 
 def _executor(cfg: PipelineConfig, p: Planned, dependency: str | None) -> submitit.AutoExecutor:
     res = cfg.resources
-    ex = submitit.AutoExecutor(folder=cfg.path("logs") / p.stage, cluster="slurm")
+    ex = submitit.AutoExecutor(folder=cfg.path("logs") / p.stage, cluster="slurm",
+                               slurm_max_num_timeout=res.max_requeues)
     extra: dict[str, Any] = {}
     if dependency:
         extra = {"dependency": f"afterok:{dependency}", "kill-on-invalid-dep": "yes"}

@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     slurm.add_argument("--qos")
     slurm.add_argument("--time", metavar="HH:MM:SS", help="time limit of each job; training requeues past it")
     slurm.add_argument("--signal-delay-s", type=int, help="checkpoint signal this long before the limit")
+    slurm.add_argument("--max-requeues", type=int, help="requeues a training job may use (default 20)")
     p.add_argument("--dry-run", action="store_true", help="print what would run or be submitted, and stop")
     p.add_argument("--no-wait", action="store_true", help="slurm: submit and return without following")
     return p
@@ -69,7 +70,8 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
                                       "sample_workers", "seed")
     }
     flags["resources"] = {k: getattr(args, k) for k in ("nodes", "gpus_per_node", "cpus_per_task", "partition",
-                                                         "account", "qos", "time", "signal_delay_s")}
+                                                         "account", "qos", "time", "signal_delay_s",
+                                                         "max_requeues")}
     return resolve(file_values, flags)
 
 

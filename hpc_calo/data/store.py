@@ -31,7 +31,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from hpc_calo.errors import UserError
-from hpc_calo.geometry import N_LAYERS, Geometry, get_geometry
+from hpc_calo.geometry import E_INC_MAX_MEV, E_INC_MIN_MEV, N_LAYERS, Geometry, get_geometry
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,21 @@ class PairStore:
         if split not in SPLITS:
             raise UserError(f"unknown split {split!r}: choose train or val")
         return self.root[f"{split}/{name}"]
+
+    def energy_range(self) -> tuple[float, float]:
+        """The incident-energy range a model trained on this store covers.
+
+        Training sets are drawn log-uniformly from the nominal CaloChallenge range, so their extreme values sit
+        just inside it; an end within 5% of the nominal bound counts as reaching it. Otherwise (a restricted
+        training set) the observed range is the trained range.
+        """
+        e = np.asarray(self.array("train", "e_inc")[:])
+        if len(e) == 0:
+            return (E_INC_MIN_MEV, E_INC_MAX_MEV)
+        lo, hi = float(e.min()), float(e.max())
+        lo = E_INC_MIN_MEV if lo <= 1.05 * E_INC_MIN_MEV else lo
+        hi = E_INC_MAX_MEV if hi >= E_INC_MAX_MEV / 1.05 else hi
+        return (lo, hi)
 
     def __repr__(self) -> str:
         return f"PairStore({str(self.path)!r}, {self.geometry.name}, train={self.n_train}, val={self.n_val})"

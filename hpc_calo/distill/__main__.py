@@ -23,10 +23,9 @@ from hpc_calo.distill.pdd import DistillModel, PDDConfig
 from hpc_calo.errors import UserError, run_cli
 from hpc_calo.flows.presets import get_preset
 from hpc_calo.models import FlowModel, load_flow_model
-from hpc_calo.train.__main__ import Job, flow_dir_name
+from hpc_calo.train.__main__ import Job, add_training_arguments, flow_dir_name, train_config
 from hpc_calo.train.checkpoint import read_run
-from hpc_calo.train.config import DTYPES, TrainConfig
-from hpc_calo.train.distributed import add_ray_arguments, ray_config, run_ray
+from hpc_calo.train.distributed import ray_config, run_ray
 from hpc_calo.train.loop import fit
 
 
@@ -60,20 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", type=Path, required=True, help="run folder holding the trained teacher flow<k>/best.pt")
     p.add_argument("--flow", type=int, required=True, choices=(2, 3), help="which flow's student (flow-1 stays a MAF)")
     p.add_argument("--store", type=Path, help="pair store (default: the one recorded in RUN_DIR/run.json)")
-    p.add_argument("--epochs", type=int, help="epochs (default: the preset's for this flow)")
-    p.add_argument("--batch-size", type=int, help="GLOBAL batch size, split over workers (default: the preset's)")
-    p.add_argument("--lr", type=float, help="OneCycle peak learning rate (default: the preset's for this flow)")
     p.add_argument("--beta", type=float, default=0.5, help="weight of the x-pass; the z-pass gets 1-beta (default 0.5)")
-    p.add_argument("--grad-clip", type=float, default=5.0, help="max gradient norm, <= 0: off (default 5)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the student's initial weights and noise (default 0)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="training device (default cpu)")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="precision (default float32)")
-    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between mid-epoch checkpoints")
-    p.add_argument("--log-every", type=int, default=50, help="steps between progress lines (default 50)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0: torch's default (default 0)")
-    p.add_argument("--memory-gb", type=float, default=2.0, help="memory budget of the data loaders in GB")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this global step (smoke tests)")
-    add_ray_arguments(p)
+    add_training_arguments(p)
     return p
 
 
@@ -92,24 +79,8 @@ def build_job(args: argparse.Namespace) -> DistillJob:
         raise UserError(f"{store_path}: a {store.geometry.name} store, but the run is {run['dataset']}")
     if not 0.0 <= args.beta <= 1.0:
         raise UserError(f"--beta must lie in [0, 1], not {args.beta}")
-    if args.memory_gb <= 0:
-        raise UserError(f"--memory-gb must be positive, not {args.memory_gb}")
-    cfg = TrainConfig(
-        epochs=args.epochs or preset.epochs[args.flow],
-        batch_size=args.batch_size or preset.batch_size,
-        max_lr=args.lr or preset.max_lr[args.flow],
-        grad_clip=args.grad_clip,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-        log_every=args.log_every,
-        dtype=args.dtype,
-        device=args.device,
-        num_threads=args.threads,
-        max_steps=args.max_steps,
-        name=f"flow-{args.flow}-student",
-    )
-    e = np.asarray(store.array("train", "e_inc")[:])
-    energy_range = (float(e.min()), float(e.max())) if len(e) else (1e3, 1e6)
+    cfg = train_config(args, preset, f"flow-{args.flow}-student")
+    energy_range = store.energy_range()
     return DistillJob(args.flow, run["preset"], Path(store_path), store.geometry, Path(args.run), cfg, args.memory_gb,
                       student=True, energy_range=energy_range, extra={"pdd": {"beta": args.beta}},
                       pdd=PDDConfig(beta=args.beta))

@@ -23,7 +23,7 @@ import hpc_calo
 from hpc_calo.atomic import atomic_path
 from hpc_calo.data.store import ShardedLoader, open_store
 from hpc_calo.errors import UserError, run_cli
-from hpc_calo.flows.presets import PRESETS, get_preset
+from hpc_calo.flows.presets import PRESETS, Preset, get_preset
 from hpc_calo.geometry import Geometry
 from hpc_calo.models import FlowModel, flow_meta
 from hpc_calo.train.checkpoint import RUN_FILE, RUN_FORMAT, check_meta, load_checkpoint, read_run
@@ -147,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", required=True, choices=sorted(PRESETS),
                    help="architecture and training defaults (ds2/ds3: the reference sizes, their dataset only)")
     p.add_argument("--out", type=Path, required=True, help="run folder shared by the three flows (RUN_DIR)")
+    add_training_arguments(p)
+    return p
+
+
+def add_training_arguments(p: argparse.ArgumentParser) -> None:
+    """The optimisation, precision, data-budget and Ray flags shared by training and distillation."""
     p.add_argument("--epochs", type=int, help="epochs (default: the preset's for this flow)")
     p.add_argument("--batch-size", type=int,
                    help="GLOBAL batch size, split evenly over workers (default: the preset's)")
@@ -163,16 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory budget of the data loaders in GB: preload the share if it fits, else stream")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this global step (smoke tests)")
     add_ray_arguments(p)
-    return p
 
 
-def build_job(args: argparse.Namespace) -> Job:
-    """Validate the arguments against the store and preset; no file is written here."""
-    store = open_store(args.store)
-    geometry = store.geometry
-    preset = get_preset(args.preset)
-    preset.spec(args.flow, geometry)  # raises for a preset bound to another dataset
-    cfg = TrainConfig(
+def train_config(args: argparse.Namespace, preset: Preset, name: str) -> TrainConfig:
+    """The TrainConfig of a command line: flags where given, else the preset's defaults for the flow."""
+    if args.memory_gb <= 0:
+        raise UserError(f"--memory-gb must be positive, not {args.memory_gb}")
+    return TrainConfig(
         epochs=args.epochs or preset.epochs[args.flow],
         batch_size=args.batch_size or preset.batch_size,
         max_lr=args.lr or preset.max_lr[args.flow],
@@ -184,12 +187,18 @@ def build_job(args: argparse.Namespace) -> Job:
         device=args.device,
         num_threads=args.threads,
         max_steps=args.max_steps,
-        name=f"flow-{args.flow}",
+        name=name,
     )
-    if args.memory_gb <= 0:
-        raise UserError(f"--memory-gb must be positive, not {args.memory_gb}")
-    e = np.asarray(store.array("train", "e_inc")[:])
-    energy_range = (float(e.min()), float(e.max())) if len(e) else (1e3, 1e6)
+
+
+def build_job(args: argparse.Namespace) -> Job:
+    """Validate the arguments against the store and preset; no file is written here."""
+    store = open_store(args.store)
+    geometry = store.geometry
+    preset = get_preset(args.preset)
+    preset.spec(args.flow, geometry)  # raises for a preset bound to another dataset
+    cfg = train_config(args, preset, f"flow-{args.flow}")
+    energy_range = store.energy_range()
     return Job(args.flow, args.preset, Path(args.store), geometry, Path(args.out), cfg, args.memory_gb,
                energy_range=energy_range)
 
