@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.special import expit
 from sklearn.isotonic import IsotonicRegression
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
@@ -294,8 +295,8 @@ def train_and_score(data: ClassifierData, cfg: ClassifierConfig, desc: str) -> d
             if test_acc == 1.0:
                 break
     model.load_state_dict(best_state)
-    p_test = 1.0 / (1.0 + np.exp(-_logits(model, test, cfg, buffer_rows)))
-    p_val = 1.0 / (1.0 + np.exp(-_logits(model, val, cfg, buffer_rows)))
+    p_test = expit(_logits(model, test, cfg, buffer_rows))
+    p_val = expit(_logits(model, val, cfg, buffer_rows))
     iso = IsotonicRegression(out_of_bounds="clip", y_min=1e-6, y_max=1.0 - 1e-6).fit(p_test, test.labels)
     calibrated = _scores(np.asarray(iso.predict(p_val)), val.labels)
     return {
