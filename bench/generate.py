@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
+from bench.report import emit
 from hpc_calo.geometry import N_LAYERS, get_geometry
 from hpc_calo.models import FlowModel
 
@@ -75,11 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(json.dumps(results[-1]), flush=True)
     out = {"bench": "teacher chain generation on CPU, 1 thread", "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%d"), "results": results}
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(out, args.out)
     return 0
 
 

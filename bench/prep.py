@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.report import emit
 from hpc_calo.errors import run_cli
 
 PY = sys.executable
@@ -306,10 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result["ds3_memory"] = ds3_memory(ds3, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
     return 0
 
 

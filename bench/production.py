@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.report import emit
+
 PY = sys.executable
 BIN = Path(PY).parent
 LINE = re.compile(r"generated in ([\d.]+) s \(([\d.]+) showers/s\).*gathered in ([\d.]+) s")
@@ -149,10 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "machine": f"{os.cpu_count()} cores",
             "date": time.strftime("%Y-%m-%d"),
         }
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(report, args.out, indent=1)
     return 0
 
 

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.report import emit
 from hpc_calo import preprocess as pp
 from hpc_calo.generate import Chain, _RowNoise
 from hpc_calo.geometry import E_INC_MAX_MEV, E_INC_MIN_MEV, N_LAYERS, THRESHOLD_MEV, get_geometry
@@ -212,11 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "threads": torch.get_num_threads(), "quick": args.quick, "wall_s": round(time.perf_counter() - t0, 1),
         "speedup_vs_float64_nflows_student": ratios, "cells": results,
     }
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(report, args.out, indent=1)
     return 0 if all(math.isfinite(c.get("ms_per_shower", 0.0)) for c in results) else 1
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import statistics
@@ -20,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.report import emit
 from data_prep.synth import generate_blocks, write_synthetic
-from hpc_calo.atomic import atomic_path
 from hpc_calo.errors import run_cli
 from hpc_calo.geometry import DS2, DS3, Geometry
 
@@ -109,11 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             **{f"bytes_per_shower_{c}": w[0][1] / k for c, w in writes.items()},
             "distributions": _distributions(geometry, 10000 if geometry is DS2 and not args.quick else k, 7),
         }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with atomic_path(args.out) as tmp:
-            tmp.write_text(text + "\n")
+    emit(result, args.out)
     return 0
 
 

@@ -7,7 +7,6 @@ Prints and writes JSON. ``python -m bench.train [--quick] [--out FILE]``.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -15,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from bench.report import emit
 from hpc_calo.geometry import get_geometry
 from hpc_calo.models import FlowModel
 
@@ -58,11 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = [bench_flow3(ds, b, steps, torch.float32) for ds, b in runs]
     out = {"bench": "teacher flow-3 training, 1 thread", "torch": torch.__version__, "machine": platform.machine(),
            "date": time.strftime("%Y-%m-%d"), "results": results}
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(out, args.out)
     return 0
 
 

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.report import emit
 from hpc_calo.errors import run_cli
 
 
@@ -147,10 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ray2_cpu_per_sample_vs_ray1": cpu["ray2"] / cpu["ray1"] if "ray2" in cpu else None,
         "records": records,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
     return 0
 
 

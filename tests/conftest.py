@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from data_prep.synth import write_synthetic
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread for tests of small models: on the 2 shared cores of CI, OpenMP threads spinning
+    against each other make small ops ~10x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

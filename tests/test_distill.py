@@ -22,9 +22,7 @@ SMALL = Geometry("ds2", n_alpha=2, n_r=4)
 V = SMALL.voxels_per_layer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)  # the shared CI box: 2 threads make small ops wait on each other
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def raw_batch(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:

@@ -10,10 +10,7 @@ from hpc_calo.flows.fast import FastStudent, rq_spline_inverse
 from hpc_calo.flows.presets import PRESETS
 from hpc_calo.geometry import DS2
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)  # the shared CI box: 2 threads make small ops wait on each other
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _student(spec: FlowSpec, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:

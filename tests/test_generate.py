@@ -20,14 +20,7 @@ from hpc_calo.geometry import DS2, THRESHOLD_MEV
 from hpc_calo.io import check_file
 from hpc_calo.models import FlowModel
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: the CI box has 2 shared cores, and OpenMP spinning under contention costs 10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def micro(flow: int, student: bool = False) -> FlowModel:

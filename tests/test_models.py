@@ -12,14 +12,7 @@ from hpc_calo.flows.build import n_parameters
 from hpc_calo.geometry import DS2, DS3, Geometry
 from hpc_calo.models import FlowModel, load_flow_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: the CI box has 2 shared cores, and OpenMP spinning under contention costs 10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(("geometry", "expected"), [(DS2, 19_470_168), (DS3, 95_088_152)])

@@ -7,14 +7,7 @@ import torch
 
 from hpc_calo import preprocess as pp
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: the CI box has 2 shared cores, and OpenMP spinning under contention costs 10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

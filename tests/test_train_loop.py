@@ -22,13 +22,7 @@ from hpc_calo.train.checkpoint import load_checkpoint
 KINDS = {1: "energies", 2: "layer0", 3: "pairs"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: the CI box has 2 shared cores, and OpenMP spinning under contention costs 10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

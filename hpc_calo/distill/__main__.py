@@ -8,14 +8,10 @@ teachers. Its ``best.pt`` is the student with the lowest validation KL; the gene
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 
 from hpc_calo.data.store import open_store
@@ -23,10 +19,8 @@ from hpc_calo.distill.pdd import DistillModel, PDDConfig
 from hpc_calo.errors import UserError, run_cli
 from hpc_calo.flows.presets import get_preset
 from hpc_calo.models import FlowModel, load_flow_model
-from hpc_calo.train.__main__ import Job, add_training_arguments, flow_dir_name, train_config
+from hpc_calo.train.__main__ import Job, add_training_arguments, execute, flow_dir_name, train_config
 from hpc_calo.train.checkpoint import read_run
-from hpc_calo.train.distributed import ray_config, run_ray
-from hpc_calo.train.loop import fit
 
 
 @dataclass
@@ -38,6 +32,9 @@ class DistillJob(Job):
     @property
     def teacher_path(self) -> Path:
         return self.run_dir / flow_dir_name(self.flow) / "best.pt"
+
+    def describe(self) -> str:
+        return f"{self.geometry.name} preset {self.preset}: distilling {self.teacher_path}"
 
     def make_model(self) -> DistillModel:  # type: ignore[override]
         dtype = self.cfg.torch_dtype
@@ -86,21 +83,9 @@ def build_job(args: argparse.Namespace) -> DistillJob:
                       pdd=PDDConfig(beta=args.beta))
 
 
-def run_local(job: DistillJob) -> dict[str, Any]:
-    job.prepare()
-    train, val = job.make_loaders(0, 1)
-    print(f"[{job.cfg.name}] {job.geometry.name} preset {job.preset}: distilling {job.teacher_path} -> {job.out_dir}, "
-          f"{len(train)} steps/epoch x {job.cfg.epochs} epochs, batch {job.cfg.batch_size}, loader {train.mode}",
-          file=sys.stderr)
-    return fit(job.make_model(), train, val, job.cfg, job.out_dir)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    job, ray_cfg = build_job(args), ray_config(args)
-    result = run_local(job) if ray_cfg is None else run_ray(job, ray_cfg)
-    print(json.dumps({k: (v if not isinstance(v, float) or np.isfinite(v) else None) for k, v in result.items()}))
-    return 0
+    return execute(build_job(args), args)
 
 
 if __name__ == "__main__":

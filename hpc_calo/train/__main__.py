@@ -100,6 +100,9 @@ class Job:
             "versions": versions(),
         }
 
+    def describe(self) -> str:
+        return f"{self.geometry.name} preset {self.preset}"
+
     def prepare(self) -> None:
         """Check the run folder against this job and write run.json / config.json (driver or rank 0 only)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -207,17 +210,22 @@ def run_local(job: Job) -> dict[str, Any]:
     """The single-worker path: this process is rank 0 of 1."""
     job.prepare()
     train, val = job.make_loaders(0, 1)
-    print(f"[{job.cfg.name}] {job.geometry.name} preset {job.preset}: {len(train)} steps/epoch x {job.cfg.epochs} "
-          f"epochs, batch {job.cfg.batch_size}, loader {train.mode} -> {job.out_dir}", file=sys.stderr)
+    print(f"[{job.cfg.name}] {job.describe()}: {len(train)} steps/epoch x {job.cfg.epochs} epochs, "
+          f"batch {job.cfg.batch_size}, loader {train.mode} -> {job.out_dir}", file=sys.stderr)
     return fit(job.make_model(), train, val, job.cfg, job.out_dir)
+
+
+def execute(job: Job, args: argparse.Namespace) -> int:
+    """Run a training or distillation job here or through Ray Train, and print its summary as JSON."""
+    ray_cfg = ray_config(args)
+    result = run_local(job) if ray_cfg is None else run_ray(job, ray_cfg)
+    print(json.dumps({k: (v if not isinstance(v, float) or np.isfinite(v) else None) for k, v in result.items()}))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    job, ray_cfg = build_job(args), ray_config(args)
-    result = run_local(job) if ray_cfg is None else run_ray(job, ray_cfg)
-    print(json.dumps({k: (v if not isinstance(v, float) or np.isfinite(v) else None) for k, v in result.items()}))
-    return 0
+    return execute(build_job(args), args)
 
 
 if __name__ == "__main__":
