@@ -9,6 +9,7 @@ checkpoint. Dependants use ``afterok`` with ``kill-on-invalid-dep``, so a failed
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,6 +51,9 @@ class StageJob(submitit.helpers.Checkpointable):
             stages.evaluate(cfg)
         else:
             raise ValueError(f"unknown stage {self.stage}")
+        # The work is done: a checkpoint signal that lands now (while submitit pickles the result or the
+        # interpreter shuts down, when Python's handler is gone) would kill the task and fail a finished job.
+        signal.signal(getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG), signal.SIG_IGN)
         return self.stage
 
     def _train(self, cfg: PipelineConfig, env: submitit.JobEnvironment) -> None:
