@@ -49,13 +49,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes (DS2 2k, DS3 500/1000), 1 epoch")
     p.add_argument("--epochs", type=int, default=None, help="classifier epochs for the DS2 run (default 50)")
-    p.add_argument("--ds2", type=int, default=None, help="showers per file for DS2 (default 10000)")
+    p.add_argument("--ds2", type=int, default=None, help="showers per file for DS2 (default 10000; 0: skip DS2)")
     p.add_argument("--ds3", default=None, help="comma-separated DS3 sizes (default 2000,5000)")
     p.add_argument("--ds3-hidden", type=int, default=256, help="classifier width for the DS3 memory runs")
     p.add_argument("--work", type=Path, default=Path("bench_evaluate_work"), help="scratch directory")
     p.add_argument("--out", type=Path, default=Path("bench_evaluate.json"), help="results JSON")
     a = p.parse_args(argv)
-    n2 = a.ds2 or (2000 if a.quick else 10_000)
+    n2 = a.ds2 if a.ds2 is not None else (2000 if a.quick else 10_000)
     ds3 = [int(x) for x in (a.ds3 or ("500,1000" if a.quick else "2000,5000")).split(",") if x]
     epochs = a.epochs or (1 if a.quick else 50)
     a.work.mkdir(parents=True, exist_ok=True)
@@ -70,11 +70,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             out.append(path)
         return out[0], out[1]
 
-    gen, ref = files("ds2", n2)
-    results[f"ds2_{n2}_all_metrics_{epochs}ep"] = run_case(
-        gen, ref, "ds2", a.work / "rep_ds2", ["--epochs", str(epochs)]
-    )
-    print(json.dumps(results, indent=1), flush=True)
+    if n2 > 0:
+        gen, ref = files("ds2", n2)
+        results[f"ds2_{n2}_all_metrics_{epochs}ep"] = run_case(
+            gen, ref, "ds2", a.work / "rep_ds2", ["--epochs", str(epochs)]
+        )
+        print(json.dumps(results, indent=1), flush=True)
     for n in ds3:
         gen, ref = files("ds3", n)
         extra = ["--metrics", "hist,cls-low", "--epochs", "1", "--cls-hidden", str(a.ds3_hidden), "--no-plots"]

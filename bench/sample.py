@@ -5,11 +5,14 @@
 Every chain is the real ``hpc_calo.generate.Chain`` (flow-1 MAF, flow-2, 44 x flow-3, preprocessing and its
 inverse, threshold) at the reference architectures with random weights. Variants:
 
-- ``teacher``: flows 2/3 teacher MAFs (V sequential passes per layer);
+- ``teacher``: flows 2/3 teacher MAFs through plain nflows (V sequential full MADE passes per layer);
+  ``fast_teacher``: the same MAFs through ``hpc_calo.flows.fast.FastMAF`` (each MADE unit computed once);
 - ``nflows_student``: the students through plain nflows (``flow._transform.inverse``) — in float64 this is the
   reference stand-in (the reference code runs its students so);
-- ``fast``: the students through ``hpc_calo.flows.fast.FastStudent`` (eager), ``fast_compiled`` with the
-  ``torch.compile``d spline, ``fast_bf16`` with bf16 GEMMs (float32 spline).
+- ``fast``: ``Chain.use_fast_samplers()``, what production runs: students through
+  ``hpc_calo.flows.fast.FastStudent`` and flow-1 through ``FastMAF`` (eager); ``fast_compiled`` with the
+  ``torch.compile``d student spline; ``fast_bf16`` with the student GEMMs in bf16 (float32 spline);
+  ``fast_bf16_compiled`` both.
 
 A cell is timed as the whole chain where that fits the per-cell cap; otherwise it is composed from measured
 parts, ``head`` (flow-1, flow-2, first decode) + 44 x ``step`` (one flow-3 layer with its preprocessing, the
@@ -67,13 +70,14 @@ def parts(chain: Chain, batch: int, device: str) -> tuple[Callable[[], Any], Cal
     noise = _RowNoise(0, 0, batch, torch.device(device), chain.dtype)
 
     def head() -> torch.Tensor:
-        layer_e = pp.decode_layer_energy(f1.from_latent(noise.normal(N_LAYERS), f1.context1(e)))
+        layer_e = pp.decode_layer_energy(chain.from_latent[1](noise.normal(N_LAYERS), f1.context1(e)))
         layer_e = pp.apply_threshold(layer_e, THRESHOLD_MEV)
         x = chain.from_latent[2](noise.normal(v), f2.context2(e, layer_e[:, 0]))
         return pp.apply_threshold(pp.decode_shape(x, layer_e[:, 0]), THRESHOLD_MEV)
 
     with torch.no_grad():
-        layer_e = pp.apply_threshold(pp.decode_layer_energy(f1.from_latent(noise.normal(N_LAYERS), f1.context1(e))),
+        layer_e = pp.apply_threshold(pp.decode_layer_energy(chain.from_latent[1](noise.normal(N_LAYERS),
+                                                                                  f1.context1(e))),
                                      THRESHOLD_MEV)
         layer0 = head()
     state = {"n": 1, "layer": layer0}
@@ -129,20 +133,16 @@ def time_cell(chain: Chain, batch: int, device: str, reps: int, cap_s: float, pr
     return out
 
 
-VARIANTS = ("teacher", "nflows_student", "fast", "fast_compiled", "fast_bf16")
+VARIANTS = ("teacher", "fast_teacher", "nflows_student", "fast", "fast_compiled", "fast_bf16", "fast_bf16_compiled")
 
 
 def make_chain(variant: str, dataset: str, dtype: torch.dtype, device: str) -> Chain:
-    chain = build_chain(dataset, variant != "teacher", dtype, device)
-    if variant == "fast":
-        chain.use_fast_students()
-    elif variant == "fast_compiled":
-        chain.use_fast_students(compile=True)
-    elif variant == "fast_bf16":
-        from hpc_calo.flows.fast import FastStudent
-
-        for k in (2, 3):
-            chain.from_latent[k] = FastStudent(chain.flows[k].flow, matmul_dtype=torch.bfloat16).to(device)
+    chain = build_chain(dataset, variant not in ("teacher", "fast_teacher"), dtype, device)
+    if variant in ("fast", "fast_teacher"):
+        chain.use_fast_samplers()
+    elif variant.startswith("fast_"):
+        chain.use_fast_samplers(compile=variant.endswith("_compiled"),
+                                matmul_dtype=torch.bfloat16 if "_bf16" in variant else None)
     return chain
 
 
@@ -157,8 +157,10 @@ def plan(quick: bool) -> list[tuple[str, str, torch.dtype, list[int]]]:
         batches = [1, 100, 1000, 10000]
         cells += [(ds, "nflows_student", f64, batches), (ds, "nflows_student", f32, batches),
                   (ds, "fast", f32, batches), (ds, "fast", f64, batches),
-                  (ds, "fast_bf16", f32, [1000]), (ds, "teacher", f64, [1, 100]), (ds, "teacher", f32, [1, 100])]
+                  (ds, "fast_bf16", f32, [1000, 10000]), (ds, "fast_teacher", f32, [100, 1000, 10000]),
+                  (ds, "teacher", f64, [1, 100]), (ds, "teacher", f32, [1, 100])]
     cells.insert(5, ("ds2", "fast_compiled", f32, [1000, 10000]))
+    cells.insert(6, ("ds2", "fast_bf16_compiled", f32, [1000, 10000]))
     return cells
 
 
@@ -171,6 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a shared box, 2 threads make every small op wait for a "
                         "descheduled thread, 20x slower at batch 1); 0: torch's default")
+    p.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)} (default all)")
+    p.add_argument("--datasets", default="ds2,ds3", help="comma-separated subset of ds2,ds3 (default both)")
+    p.add_argument("--batches", help="comma-separated batch sizes to keep (default: each variant's plan)")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -180,10 +185,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     results: list[dict[str, Any]] = []
+    variants = set(args.variants.split(",")) if args.variants else set(VARIANTS)
+    keep = {int(b) for b in args.batches.split(",")} if args.batches else None
+    if variants - set(VARIANTS):
+        p.error(f"--variants: unknown {', '.join(sorted(variants - set(VARIANTS)))}")
     for ds, variant, dtype, batches in plan(args.quick):
+        batches = [b for b in batches if keep is None or b in keep]
+        if variant not in variants or ds not in args.datasets.split(",") or not batches:
+            continue
         t_build = time.perf_counter()
         chain = make_chain(variant, ds, dtype, args.device)
-        if variant == "fast_compiled":  # compile once, outside the timings; report its cost
+        if variant.endswith("_compiled"):  # compile once, outside the timings; report its cost
             parts(chain, batches[0], args.device)[1]()
         build_s = time.perf_counter() - t_build
         prev: tuple[int, float] | None = None

@@ -27,10 +27,10 @@ from hpc_calo.errors import UserError, run_cli
 from hpc_calo.geometry import E_INC_MAX_MEV, E_INC_MIN_MEV, N_LAYERS, THRESHOLD_MEV, Geometry, get_geometry
 from hpc_calo.io import CaloFile, CaloWriter
 from hpc_calo.models import FlowModel, load_flow_model
+from hpc_calo.precision import PRECISION_HELP, PRECISIONS, resolve
 from hpc_calo.train.checkpoint import read_run
 
 ROW_BLOCK = 64  # rows sharing one random stream; small enough that a partial block wastes little
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 class _RowNoise:
@@ -71,17 +71,24 @@ class Chain:
         self.run = run or {}
         self.device = flows[1].device
         self.dtype = flows[1].dtype
-        # z -> x per flow: nflows by default; use_fast_students() swaps in the fast student sampler.
+        # z -> x per flow: nflows by default; use_fast_samplers() swaps in hpc_calo.flows.fast.
         self.from_latent = {k: f.from_latent for k, f in flows.items()}
 
-    def use_fast_students(self, compile: bool = False) -> Chain:
-        """Sample students through hpc_calo.flows.fast (same result to rounding, several times faster)."""
-        from hpc_calo.flows.fast import FastStudent
+    def use_fast_samplers(self, compile: bool = False, matmul_dtype: torch.dtype | None = None) -> Chain:
+        """Sample every flow through hpc_calo.flows.fast: FastStudent for students, FastMAF for MAF teachers.
+
+        Same result as nflows to rounding, several times faster. ``compile`` uses the torch.compile'd student
+        spline; ``matmul_dtype=torch.bfloat16`` runs the student GEMMs in bf16 (see BENCHMARKS.md for its cost in
+        fidelity).
+        """
+        from hpc_calo.flows.fast import FastMAF, FastStudent
 
         for k, f in self.flows.items():
             if f.student:
-                fast = FastStudent(f.flow).to(self.device)
+                fast = FastStudent(f.flow, matmul_dtype=matmul_dtype).to(self.device)
                 self.from_latent[k] = fast.compile() if compile else fast
+            else:
+                self.from_latent[k] = FastMAF(f.flow).to(self.device)
         return self
 
     @property
@@ -90,10 +97,11 @@ class Chain:
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike[str], device: str | torch.device = "cpu",
-             dtype: torch.dtype = torch.float32, students: bool | None = None, fast: bool = True) -> Chain:
+             dtype: torch.dtype = torch.float32, students: bool | None = None, fast: bool = True,
+             matmul_dtype: torch.dtype | None = None) -> Chain:
         """Load ``RUN_DIR/flow{1,2,3}[_student]/best.pt``. students: None uses a student where one exists.
 
-        ``fast`` samples students through hpc_calo.flows.fast (equal to nflows to rounding, several times faster);
+        ``fast`` samples through hpc_calo.flows.fast (equal to nflows to rounding, several times faster);
         every entry point loads chains this way, so production is reproducible across backends.
         """
         run_dir = Path(run_dir)
@@ -110,13 +118,13 @@ class Chain:
             flows[k] = load_flow_model(path, device, dtype, dataset=geometry.name, flow=k)
         lo, hi = run.get("energy_range", (E_INC_MIN_MEV, E_INC_MAX_MEV))
         chain = cls(flows, geometry, (float(lo), float(hi)), run=run)
-        return chain.use_fast_students() if fast else chain
+        return chain.use_fast_samplers(matmul_dtype=matmul_dtype) if fast else chain
 
     @torch.no_grad()
     def _sample_rows(self, e_inc: torch.Tensor, noise: _RowNoise) -> torch.Tensor:
         f1, f2, f3 = self.flows[1], self.flows[2], self.flows[3]
         v = self.geometry.voxels_per_layer
-        layer_e = pp.decode_layer_energy(f1.from_latent(noise.normal(N_LAYERS), f1.context1(e_inc)))
+        layer_e = pp.decode_layer_energy(self.from_latent[1](noise.normal(N_LAYERS), f1.context1(e_inc)))
         layer_e = pp.apply_threshold(layer_e, THRESHOLD_MEV)
         x = self.from_latent[2](noise.normal(v), f2.context2(e_inc, layer_e[:, 0]))
         layer = pp.apply_threshold(pp.decode_shape(x, layer_e[:, 0], self.renormalise), THRESHOLD_MEV)
@@ -181,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1000, help="showers per batch (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device (default cpu)")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="precision (default float32)")
+    p.add_argument("--dtype", default="float32", choices=PRECISIONS, help=PRECISION_HELP)
     p.add_argument("--students", choices=("auto", "yes", "no"), default="auto",
                    help="flows 2/3: students where trained (auto), required (yes) or teachers (no)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0: torch's default")
@@ -200,7 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     students = {"auto": None, "yes": True, "no": False}[args.students]
-    chain = Chain.load(args.run, args.device, DTYPES[args.dtype], students)
+    dtype, matmul_dtype = resolve(args.dtype)
+    chain = Chain.load(args.run, args.device, dtype, students, matmul_dtype=matmul_dtype)
     if args.energies is not None:
         e_inc = reference_energies(args.energies, chain.geometry, args.showers)
     else:

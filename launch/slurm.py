@@ -154,13 +154,14 @@ def _tail(path: Path, n: int = 25) -> str:
         return f"(no log at {path})"
 
 
-def follow(jobs: list[tuple[str, submitit.Job]], poll_s: float = 5.0) -> tuple[bool, str]:
+def follow(jobs: list[tuple[str, submitit.Job]], poll_s: float = 10.0) -> tuple[bool, str]:
     """Wait for every job; on the first failure cancel the rest and return its stage and log tail."""
     last: dict[str, str] = {}
     pending = list(jobs)
     while pending:
         stage, job = pending[0]
-        state = job.state.split()[0].upper()
+        # Forced: submitit's own cache refreshes an old job's state only every 1-10 minutes.
+        state = job.watcher.get_state(job.job_id, mode="force").split()[0].upper()
         if last.get(stage) != state:
             print(f"  {stage:9} job {job.job_id}: {state}", flush=True)
             last[stage] = state

@@ -1,4 +1,4 @@
-"""The fast student sampler equals the plain nflows student path (float64 to ~1e-12, float32 to ~1e-4)."""
+"""The fast samplers equal the plain nflows path (float64 to ~1e-12, float32 to ~1e-4)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hpc_calo.flows.build import FlowSpec, build_iaf, build_maf
-from hpc_calo.flows.fast import FastStudent, rq_spline_inverse
+from hpc_calo.flows.fast import FastMAF, FastStudent, rq_spline_inverse
 from hpc_calo.flows.presets import PRESETS
 from hpc_calo.geometry import DS2
 
@@ -37,6 +37,19 @@ def test_fast_student_equals_nflows(dtype: torch.dtype, tol: float, layers: int)
     assert torch.allclose(out, ref, atol=tol, rtol=tol), (out - ref).abs().max()
 
 
+def test_fast_student_in_cpu_chunks_equals_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hpc_calo.flows import fast
+
+    spec = FlowSpec(features=24, context=5, hidden=32, blocks=2, bins=8)
+    flow = _student(spec, torch.float64)
+    z, c = torch.randn(100, 24, dtype=torch.float64), torch.randn(100, 5, dtype=torch.float64)
+    with torch.no_grad():
+        whole = FastStudent(flow)(z, c)
+        monkeypatch.setattr(fast, "CPU_CHUNK_BYTES", 1)  # 16-row chunks, the last one short
+        chunked = FastStudent(flow)(z, c)
+    assert torch.allclose(chunked, whole, atol=1e-12, rtol=0)
+
+
 def test_fast_student_at_the_ds2_flow3_reference_size() -> None:
     spec = PRESETS["ds2"].spec(3, DS2, student=True)
     flow = _student(spec, torch.float64)
@@ -46,6 +59,36 @@ def test_fast_student_at_the_ds2_flow3_reference_size() -> None:
         ref, _ = flow._transform.inverse(z, c)
         out = FastStudent(flow)(z, c)
     assert (out - ref).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-10), (torch.float32, 2e-4)])
+@pytest.mark.parametrize(("hidden", "layers"), [(32, 1), (7, 2)])  # 7 < 11 features: some degrees have no unit
+def test_fast_maf_equals_nflows_sampling(dtype: torch.dtype, tol: float, hidden: int, layers: int) -> None:
+    spec = FlowSpec(features=11, context=3, hidden=hidden, layers=layers, blocks=3, bins=6)
+    torch.manual_seed(2)
+    flow = build_maf(spec).to(dtype).eval()
+    g = torch.Generator().manual_seed(3)
+    z = 4 * torch.randn(500, spec.features, generator=g, dtype=dtype)  # some beyond the tail bound
+    c = torch.randn(500, spec.context, generator=g, dtype=dtype)
+    with torch.no_grad():
+        ref, _ = flow._transform.inverse(z, c)
+        out = FastMAF(flow)(z, c)
+        back, _ = flow._transform(out, c)  # and it is the inverse of the teacher's density direction
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert torch.allclose(out, ref, atol=tol, rtol=tol), (out - ref).abs().max()
+    assert torch.allclose(back, z, atol=10 * tol, rtol=10 * tol)
+
+
+def test_fast_maf_at_the_ds2_flow1_reference_size_and_refuses_a_student() -> None:
+    spec = PRESETS["ds2"].spec(1, DS2)
+    torch.manual_seed(0)
+    flow = build_maf(spec).double().eval()
+    z, c = torch.randn(32, spec.features, dtype=torch.float64), torch.randn(32, spec.context, dtype=torch.float64)
+    with torch.no_grad():
+        ref, _ = flow._transform.inverse(z, c)
+        assert (FastMAF(flow)(z, c) - ref).abs().max() < 1e-10
+    with pytest.raises(TypeError, match="teacher"):
+        FastMAF(build_iaf(FlowSpec(features=6, context=2, hidden=8, blocks=2, bins=4)))
 
 
 def test_spline_inverse_inverts_the_nflows_forward_spline() -> None:

@@ -79,6 +79,32 @@ def test_sampling_is_deterministic_and_independent_of_batch_size(run_dir: Path) 
     np.testing.assert_allclose(chain.sample(e[:2], seed=5, batch_size=2), a[:2], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("students", [True, False])
+def test_fast_samplers_give_the_plain_nflows_showers(run_dir: Path, students: bool) -> None:
+    e = np.geomspace(1e3, 1e6, 5)
+    fast = Chain.load(run_dir, students=students)
+    plain = Chain.load(run_dir, students=students, fast=False)
+    kinds = {k: type(f).__name__ for k, f in fast.from_latent.items()}
+    assert kinds == {1: "FastMAF", 2: "FastStudent" if students else "FastMAF", 3: "FastStudent" if students
+                     else "FastMAF"}
+    np.testing.assert_allclose(fast.sample(e, seed=2), plain.sample(e, seed=2), rtol=1e-3, atol=1e-3)
+
+
+def test_bf16_precision_stays_close_to_float32(run_dir: Path, tmp_path: Path) -> None:
+    out = {}
+    for dtype in ("float32", "bf16"):
+        out[dtype] = tmp_path / f"{dtype}.h5"
+        with pytest.raises(SystemExit) as done:
+            run_cli(generate_main, ["--run", str(run_dir), "--showers", "20", "--out", str(out[dtype]),
+                                    "--dtype", dtype, "--seed", "1", "--no-progress"])
+        assert done.value.code == 0
+    with h5py.File(out["float32"]) as a, h5py.File(out["bf16"]) as b:
+        x, y = a["showers"][:], b["showers"][:]
+    assert not np.array_equal(x, y)  # the GEMMs did run in bf16
+    rel = np.abs(y.sum(1) - x.sum(1)) / x.sum(1)
+    assert np.median(rel) < 0.05, rel
+
+
 def test_students_are_used_where_present(run_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     for k in (1, 2, 3):

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hpc_calo.errors import UserError, run_cli
+from hpc_calo.precision import PRECISION_HELP, PRECISIONS
 from hpc_calo.sample.backends import BACKENDS
 from hpc_calo.sample.job import Launch, Output
 from hpc_calo.sample.plan import Request
@@ -76,7 +77,7 @@ def parser() -> argparse.ArgumentParser:
         help="torch CPU threads per worker (default 1: one worker per core); part of the request, because "
         "results differ in the last bits with another thread count. Ray gives each actor this many CPUs",
     )
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="model precision")
+    p.add_argument("--dtype", choices=PRECISIONS, default="float32", help=PRECISION_HELP)
     p.add_argument("--teachers", action="store_true", help="sample with the teacher flows even if students exist")
     p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -24,6 +24,7 @@ import numpy as np
 from hpc_calo.errors import UserError
 from hpc_calo.geometry import Geometry, get_geometry
 from hpc_calo.io import CaloFile
+from hpc_calo.precision import PRECISIONS
 
 PLAN_VERSION = 1
 # A shard is generated in one call and held in memory once, so its default size keeps it near this.
@@ -64,8 +65,8 @@ class Request:
             raise UserError("give either --energies or --emin/--emax, not both")
         if self.threads <= 0:
             raise UserError(f"--threads must be positive, not {self.threads}")
-        if self.dtype not in ("float32", "float64"):
-            raise UserError(f"--dtype must be float32 or float64, not {self.dtype!r}")
+        if self.dtype not in PRECISIONS:
+            raise UserError(f"--dtype must be one of {', '.join(PRECISIONS)}, not {self.dtype!r}")
 
 
 @dataclass(frozen=True)

@@ -42,13 +42,14 @@ def load_chain(req: Request, device: str | None = None) -> Any:
     import torch
 
     from hpc_calo.generate import Chain
+    from hpc_calo.precision import resolve
 
     device = device or req.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {req.device}: CUDA is not available on {_host()}")
     check_run_dir(req.run_dir)
-    dtype = {"float32": torch.float32, "float64": torch.float64}[req.dtype]
-    return Chain.load(req.run_dir, device=device, dtype=dtype, students=req.students)
+    dtype, matmul_dtype = resolve(req.dtype)
+    return Chain.load(req.run_dir, device=device, dtype=dtype, students=req.students, matmul_dtype=matmul_dtype)
 
 
 def _host() -> str:
