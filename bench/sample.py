@@ -138,9 +138,7 @@ VARIANTS = ("teacher", "fast_teacher", "nflows_student", "fast", "fast_compiled"
 
 def make_chain(variant: str, dataset: str, dtype: torch.dtype, device: str) -> Chain:
     chain = build_chain(dataset, variant not in ("teacher", "fast_teacher"), dtype, device)
-    if variant in ("fast", "fast_teacher"):
-        chain.use_fast_samplers()
-    elif variant.startswith("fast_"):
+    if variant.startswith("fast"):
         chain.use_fast_samplers(compile=variant.endswith("_compiled"),
                                 matmul_dtype=torch.bfloat16 if "_bf16" in variant else None)
     return chain

@@ -7,7 +7,13 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-PRECISIONS = ("float32", "float64", "bf16")
+# name -> (model dtype, student GEMM dtype), as torch attribute names so that this module needs no torch.
+_DTYPES: dict[str, tuple[str, str | None]] = {
+    "float32": ("float32", None),
+    "float64": ("float64", None),
+    "bf16": ("float32", "bfloat16"),
+}
+PRECISIONS = tuple(_DTYPES)
 PRECISION_HELP = ("float32 (default), float64, or bf16: float32 with the student GEMMs in bf16, the splines in "
                   "float32 (faster where the hardware has bf16 units; its fidelity cost is in BENCHMARKS.md)")
 
@@ -16,6 +22,5 @@ def resolve(name: str) -> tuple[torch.dtype, torch.dtype | None]:
     """(model dtype, student GEMM dtype or None) for a precision name."""
     import torch
 
-    table = {"float32": (torch.float32, None), "float64": (torch.float64, None),
-             "bf16": (torch.float32, torch.bfloat16)}
-    return table[name]
+    model, gemm = _DTYPES[name]
+    return getattr(torch, model), None if gemm is None else getattr(torch, gemm)
