@@ -41,7 +41,13 @@ class Resources:
             h, m, s = (int(x) for x in self.time.split(":"))
         except ValueError:
             raise UserError(f"--time must be HH:MM:SS, not {self.time!r}") from None
-        return max(1, h * 60 + m + (1 if s else 0))
+        minutes = max(1, h * 60 + m + (1 if s else 0))
+        if minutes * 60 <= self.signal_delay_s + 60:
+            # SLURM may send --signal up to 60 s early: an attempt could be signalled as it starts, every time.
+            raise UserError(f"--time {self.time} is too short: SLURM signals a job --signal-delay-s "
+                            f"({self.signal_delay_s} s) before its limit and up to 60 s earlier; give more than "
+                            f"{self.signal_delay_s + 60} s")
+        return minutes
 
 
 @dataclass

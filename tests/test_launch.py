@@ -56,6 +56,7 @@ def test_config_precedence_file_then_flags(tmp_path: Path) -> None:
         ("", {"synthetic": 500, "data": ["x.h5"]}, "exactly one of"),
         ("", {"synthetic": 500, "sample_backend": "carrier-pigeon"}, "--sample-backend"),
         ("[resources]\ntime = '90 minutes'\n", {"synthetic": 500}, "HH:MM:SS"),
+        ("[resources]\ntime = '00:02:00'\n", {"synthetic": 500}, "up to 60 s earlier"),
         ("", {"data": ["/nonexistent.h5"], "reference": "/nonexistent.h5"}, "no such file"),
     ],
 )

@@ -117,7 +117,9 @@ def test_srun_wires_two_mpi_ranks() -> None:
 def _executor(folder: Path):  # -> submitit.AutoExecutor
     submitit = pytest.importorskip("submitit")
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_python=str(PYTHON))
-    executor.update_parameters(timeout_min=2, nodes=1, tasks_per_node=1, cpus_per_task=1)
+    # submitit asks for its timeout signal 90 s before the limit, and SLURM may send it up to 60 s early: with a
+    # 2-minute limit a job was signalled 3 s after it started and failed (not checkpointable). 10 minutes is safe.
+    executor.update_parameters(timeout_min=10, nodes=1, tasks_per_node=1, cpus_per_task=1)
     return executor
 
 
