@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 quickstart: setup
-	$(PY) -m launch.submit --cluster local --dataset ds2 --synthetic 3000 --preset tiny --showers 2000 --out runs/quickstart
+	$(PY) -m launch.submit --cluster local --dataset ds2 --synthetic 3000 --preset quickstart --showers 2000 --out runs/quickstart
 
 test: setup
 	bash slurm/local_cluster.sh up

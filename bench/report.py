@@ -15,3 +15,19 @@ def emit(result: dict[str, Any], out: str | os.PathLike[str] | None, indent: int
     if out:
         with atomic_path(out) as tmp:
             tmp.write_text(text + "\n")
+
+
+def machine() -> dict[str, Any]:
+    """What a benchmark ran on: CPU model, cores this process may use, memory, date."""
+    import platform
+    import time
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"cpu": model, "cores": len(os.sched_getaffinity(0)), "memory_gb": round(mem_gb, 1),
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}

@@ -37,9 +37,8 @@ import numpy as np
 import torch
 
 from bench.report import emit
-from hpc_calo import preprocess as pp
 from hpc_calo.generate import Chain, _RowNoise
-from hpc_calo.geometry import E_INC_MAX_MEV, E_INC_MIN_MEV, N_LAYERS, THRESHOLD_MEV, get_geometry
+from hpc_calo.geometry import E_INC_MAX_MEV, E_INC_MIN_MEV, N_LAYERS, get_geometry
 from hpc_calo.models import FlowModel
 
 
@@ -64,30 +63,17 @@ def _energies(n: int, seed: int) -> np.ndarray:
 @torch.no_grad()
 def parts(chain: Chain, batch: int, device: str) -> tuple[Callable[[], Any], Callable[[], Any]]:
     """``head()`` and ``step()``: the chain's first part and one flow-3 layer, exactly as Chain runs them."""
-    f1, f2, f3 = chain.flows[1], chain.flows[2], chain.flows[3]
-    v = chain.geometry.voxels_per_layer
     e = torch.as_tensor(_energies(batch, 1), device=device, dtype=chain.dtype)
     noise = _RowNoise(0, 0, batch, torch.device(device), chain.dtype)
+    layer_e, layer0 = chain.head(e, noise)
+    state = {"n": 1, "layer": layer0}
 
     def head() -> torch.Tensor:
-        layer_e = pp.decode_layer_energy(chain.from_latent[1](noise.normal(N_LAYERS), f1.context1(e)))
-        layer_e = pp.apply_threshold(layer_e, THRESHOLD_MEV)
-        x = chain.from_latent[2](noise.normal(v), f2.context2(e, layer_e[:, 0]))
-        return pp.apply_threshold(pp.decode_shape(x, layer_e[:, 0]), THRESHOLD_MEV)
-
-    with torch.no_grad():
-        layer_e = pp.apply_threshold(pp.decode_layer_energy(chain.from_latent[1](noise.normal(N_LAYERS),
-                                                                                  f1.context1(e))),
-                                     THRESHOLD_MEV)
-        layer0 = head()
-    state = {"n": 1, "layer": layer0}
+        return chain.head(e, noise)[1]
 
     def step() -> torch.Tensor:
         n = state["n"]
-        prev = pp.logit(pp.normalise(state["layer"] + pp.NOISE_MEV * noise.uniform(v))[0])
-        c = f3.context3(e, layer_e[:, n], layer_e[:, n - 1], prev, n)
-        x = chain.from_latent[3](noise.normal(v), c)
-        state["layer"] = pp.apply_threshold(pp.decode_shape(x, layer_e[:, n]), THRESHOLD_MEV)
+        state["layer"] = chain.next_layer(e, layer_e, state["layer"], n, noise)
         state["n"] = n % (N_LAYERS - 1) + 1
         return state["layer"]
 

@@ -27,7 +27,7 @@ from hpc_calo.errors import UserError, run_cli
 from hpc_calo.geometry import E_INC_MAX_MEV, E_INC_MIN_MEV, N_LAYERS, THRESHOLD_MEV, Geometry, get_geometry
 from hpc_calo.io import CaloFile, CaloWriter
 from hpc_calo.models import FlowModel, load_flow_model
-from hpc_calo.precision import PRECISION_HELP, PRECISIONS, resolve
+from hpc_calo.precision import PRECISION_HELP, PRECISIONS, add_renormalise_argument, resolve
 from hpc_calo.train.checkpoint import read_run
 
 ROW_BLOCK = 64  # rows sharing one random stream; small enough that a partial block wastes little
@@ -63,7 +63,7 @@ class Chain:
     """The three trained flows of a run folder, sampling showers in MeV."""
 
     def __init__(self, flows: dict[int, FlowModel], geometry: Geometry, energy_range: tuple[float, float],
-                 renormalise: bool = False, run: dict[str, Any] | None = None) -> None:
+                 renormalise: bool = True, run: dict[str, Any] | None = None) -> None:
         self.flows = flows
         self.geometry = geometry
         self.energy_range = energy_range
@@ -98,7 +98,7 @@ class Chain:
     @classmethod
     def load(cls, run_dir: str | os.PathLike[str], device: str | torch.device = "cpu",
              dtype: torch.dtype = torch.float32, students: bool | None = None, fast: bool = True,
-             matmul_dtype: torch.dtype | None = None) -> Chain:
+             matmul_dtype: torch.dtype | None = None, renormalise: bool = True) -> Chain:
         """Load ``RUN_DIR/flow{1,2,3}[_student]/best.pt``. students: None uses a student where one exists.
 
         ``fast`` samples through hpc_calo.flows.fast (equal to nflows to rounding, several times faster);
@@ -117,24 +117,39 @@ class Chain:
                 raise UserError(f"{run_dir}: incomplete run, {path} is missing (train {what} first)")
             flows[k] = load_flow_model(path, device, dtype, dataset=geometry.name, flow=k)
         lo, hi = run.get("energy_range", (E_INC_MIN_MEV, E_INC_MAX_MEV))
-        chain = cls(flows, geometry, (float(lo), float(hi)), run=run)
+        chain = cls(flows, geometry, (float(lo), float(hi)), renormalise=renormalise, run=run)
         return chain.use_fast_samplers(matmul_dtype=matmul_dtype) if fast else chain
 
     @torch.no_grad()
-    def _sample_rows(self, e_inc: torch.Tensor, noise: _RowNoise) -> torch.Tensor:
-        f1, f2, f3 = self.flows[1], self.flows[2], self.flows[3]
-        v = self.geometry.voxels_per_layer
-        layer_e = pp.decode_layer_energy(self.from_latent[1](noise.normal(N_LAYERS), f1.context1(e_inc)))
+    def head(self, e_inc: torch.Tensor, noise: _RowNoise) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flow-1's 45 layer energies (MeV, thresholded) and flow-2's layer 0 (voxels, MeV)."""
+        f1, f2 = self.flows[1], self.flows[2]
+        layer_e = pp.decode_flow1(self.from_latent[1](noise.normal(N_LAYERS), f1.context1(e_inc)), e_inc, f1.energies)
         layer_e = pp.apply_threshold(layer_e, THRESHOLD_MEV)
-        x = self.from_latent[2](noise.normal(v), f2.context2(e_inc, layer_e[:, 0]))
-        layer = pp.apply_threshold(pp.decode_shape(x, layer_e[:, 0], self.renormalise), THRESHOLD_MEV)
+        x = self.from_latent[2](noise.normal(self.geometry.voxels_per_layer), f2.context2(e_inc, layer_e[:, 0]))
+        return layer_e, self._voxels(x, layer_e[:, 0])
+
+    @torch.no_grad()
+    def next_layer(self, e_inc: torch.Tensor, layer_e: torch.Tensor, layer: torch.Tensor, n: int,
+                   noise: _RowNoise) -> torch.Tensor:
+        """Flow-3: layer n (voxels, MeV) from layer n - 1."""
+        v = self.geometry.voxels_per_layer
+        # As in the reference: the generated layer gets fresh noise and is renormalised to condition the next.
+        prev = pp.logit(pp.normalise(layer + pp.NOISE_MEV * noise.uniform(v))[0])
+        c = self.flows[3].context3(e_inc, layer_e[:, n], layer_e[:, n - 1], prev, n)
+        x = self.from_latent[3](noise.normal(v), c)
+        return self._voxels(x, layer_e[:, n])
+
+    def _voxels(self, x: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+        layer = pp.apply_threshold(pp.decode_shape(x, energy), THRESHOLD_MEV)
+        return pp.rescale(layer, energy) if self.renormalise else layer
+
+    @torch.no_grad()
+    def _sample_rows(self, e_inc: torch.Tensor, noise: _RowNoise) -> torch.Tensor:
+        layer_e, layer = self.head(e_inc, noise)
         layers = [layer]
         for n in range(1, N_LAYERS):
-            # As in the reference: the generated layer gets fresh noise and is renormalised to condition the next.
-            prev = pp.logit(pp.normalise(layer + pp.NOISE_MEV * noise.uniform(v))[0])
-            c = f3.context3(e_inc, layer_e[:, n], layer_e[:, n - 1], prev, n)
-            x = self.from_latent[3](noise.normal(v), c)
-            layer = pp.apply_threshold(pp.decode_shape(x, layer_e[:, n], self.renormalise), THRESHOLD_MEV)
+            layer = self.next_layer(e_inc, layer_e, layer, n, noise)
             layers.append(layer)
         return torch.cat(layers, dim=1)
 
@@ -193,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--students", choices=("auto", "yes", "no"), default="auto",
                    help="flows 2/3: students where trained (auto), required (yes) or teachers (no)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0: torch's default")
+    add_renormalise_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -209,14 +225,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     students = {"auto": None, "yes": True, "no": False}[args.students]
     dtype, matmul_dtype = resolve(args.dtype)
-    chain = Chain.load(args.run, args.device, dtype, students, matmul_dtype=matmul_dtype)
+    chain = Chain.load(args.run, args.device, dtype, students, matmul_dtype=matmul_dtype,
+                       renormalise=args.renormalise)
     if args.energies is not None:
         e_inc = reference_energies(args.energies, chain.geometry, args.showers)
     else:
         e_inc = chain.random_energies(args.showers, args.seed)
     n = len(e_inc)
     attrs = {"generator": "hpc-calo iCaloFlow", "run": str(args.run.resolve()), "seed": args.seed,
-             "students": str(chain.students)}
+             "students": str(chain.students), "renormalise": args.renormalise}
     with CaloWriter(args.out, chain.geometry, n_total=n, attrs=attrs) as w, tqdm(
         total=n, unit="shower", desc="generate", disable=args.no_progress, file=sys.stderr
     ) as bar:

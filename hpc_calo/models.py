@@ -10,7 +10,7 @@ Features and context per flow (context fields in this order, as in the reference
 ====  ==========================================  ================================================================
 flow  x (features)                                c (context)
 ====  ==========================================  ================================================================
-1     encode_layer_energy(E_i + u), i=0..44 (45)  encode_e_inc(E_inc)                                          (1)
+1     encode_flow1(E_i + u), i=0..44        (45)  encode_e_inc(E_inc)                                          (1)
 2     logit(normalise(layer_0 + u))         (V)   encode_e_inc(E_inc), encode_layer_energy(E_0 + u) / 4        (2)
 3     logit(normalise(layer_n + u))         (V)   encode_e_inc(E_inc), encode_layer_energy(E_n + u),
                                                   encode_layer_energy(E_{n-1} + u), logit(normalise(layer_{n-1}
@@ -41,16 +41,21 @@ MODEL_FORMAT = "hpc-calo-flow"
 MODEL_VERSION = 1
 
 
-def flow_meta(flow: int, geometry: Geometry, spec: FlowSpec, student: bool, preset: str) -> dict[str, Any]:
-    return {"kind": "flow", "flow": flow, "student": student, "dataset": geometry.name, "preset": preset,
+def flow_meta(flow: int, geometry: Geometry, spec: FlowSpec, student: bool, preset: str,
+              energies: str = "absolute") -> dict[str, Any]:
+    meta = {"kind": "flow", "flow": flow, "student": student, "dataset": geometry.name, "preset": preset,
             "spec": asdict(spec)}
+    if flow == 1:  # only flow-1 models the layer energies
+        meta["energies"] = energies
+    return meta
 
 
 class FlowModel(nn.Module):
     """Flow ``k`` (1, 2 or 3): a teacher MAF, or with ``student=True`` an IAF with the same block layout."""
 
     def __init__(
-        self, flow: int, geometry: Geometry, spec: FlowSpec, student: bool = False, preset: str = "custom"
+        self, flow: int, geometry: Geometry, spec: FlowSpec, student: bool = False, preset: str = "custom",
+        energies: str = "absolute",
     ) -> None:
         super().__init__()
         if flow not in FLOWS:
@@ -60,11 +65,15 @@ class FlowModel(nn.Module):
         self.spec = spec
         self.student = student
         self.preset = preset
+        if energies not in pp.ENERGY_ENCODINGS:
+            raise UserError(f"flow-1 energy encoding must be one of {', '.join(pp.ENERGY_ENCODINGS)}, not {energies!r}")
+        self.energies = energies
         self.flow = build_iaf(spec) if student else build_maf(spec)
 
     @classmethod
     def from_preset(cls, flow: int, geometry: Geometry, preset: str, student: bool = False) -> FlowModel:
-        return cls(flow, geometry, get_preset(preset).spec(flow, geometry, student), student, preset)
+        p = get_preset(preset)
+        return cls(flow, geometry, p.spec(flow, geometry, student), student, preset, p.energies)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -76,7 +85,7 @@ class FlowModel(nn.Module):
 
     def meta(self) -> dict[str, Any]:
         """What identifies this model; a checkpoint with different meta must not be resumed into it."""
-        return flow_meta(self.k, self.geometry, self.spec, self.student, self.preset)
+        return flow_meta(self.k, self.geometry, self.spec, self.student, self.preset, self.energies)
 
     # ---- preprocessing -------------------------------------------------------------------------------------
 
@@ -90,9 +99,10 @@ class FlowModel(nn.Module):
             t = batch[key].to(dev)
             return t if not t.is_floating_point() else t.to(dt)
 
-        e_inc = pp.encode_e_inc(get("e_inc").reshape(-1, 1))
+        raw_e_inc = get("e_inc").reshape(-1, 1)
+        e_inc = pp.encode_e_inc(raw_e_inc)
         if self.k == 1:
-            x = pp.encode_layer_energy(pp.add_noise(get("layer_e"), generator))
+            x = pp.encode_flow1(pp.add_noise(get("layer_e"), generator), raw_e_inc, self.energies)
             return x, e_inc
         if self.k == 2:
             x = pp.encode_shape(get("layer"), generator)
@@ -161,14 +171,6 @@ class FlowModel(nn.Module):
         )
         return self.from_latent(z, context)
 
-    def decode(self, x: torch.Tensor, energy: torch.Tensor | None = None, renormalise: bool = False) -> torch.Tensor:
-        """Preprocessed samples -> MeV: flow-1 gives the 45 layer energies; flows 2/3 need the layer energy."""
-        if self.k == 1:
-            return pp.decode_layer_energy(x)
-        if energy is None:
-            raise ValueError("flows 2 and 3 decode to MeV only given the layer energies")
-        return pp.decode_shape(x, energy, renormalise)
-
     # ---- standalone model file -----------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -211,7 +213,8 @@ def load_flow_model(
         raise UserError(f"{path}: model is for {obj['dataset']}, not {dataset}")
     if flow is not None and obj["flow"] != flow:
         raise UserError(f"{path}: model is flow-{obj['flow']}, not flow-{flow}")
-    model = FlowModel(obj["flow"], get_geometry(obj["dataset"]), FlowSpec(**obj["spec"]), obj["student"], obj["preset"])
+    model = FlowModel(obj["flow"], get_geometry(obj["dataset"]), FlowSpec(**obj["spec"]), obj["student"], obj["preset"],
+                      obj.get("energies", "absolute"))
     try:
         model.load_state_dict(obj["state_dict"])
     except RuntimeError as err:

@@ -1,7 +1,9 @@
-"""Sampling precisions by name; torch-free at import so that CLIs can list them without loading torch."""
+"""Sampling precisions by name, and the generation options that generate and sample share; torch-free at import
+so that CLIs can list them without loading torch."""
 
 from __future__ import annotations
 
+import argparse
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -24,3 +26,10 @@ def resolve(name: str) -> tuple[torch.dtype, torch.dtype | None]:
 
     model, gemm = _DTYPES[name]
     return getattr(torch, model), None if gemm is None else getattr(torch, gemm)
+
+
+def add_renormalise_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--renormalise", action=argparse.BooleanOptionalAction, default=True,
+                   help="scale each generated layer to sum exactly to flow-1's layer energy (default), or, as the "
+                        "reference does, multiply the shape flow's output by it unnormalised (--no-renormalise); "
+                        "recorded in the output's attributes")

@@ -11,6 +11,7 @@ layer normalisation         I = layer / sum(layer)   (empty: uniform 1/V)  layer
 logit                       y = logit(a + (1 - 2a) x),  a = 1e-6           x = clip((sigmoid(y) - a)/(1 - 2a), 0, 1)
 incident energy             c = log10(E_inc / MeV) - 4.5                   E_inc = 10^(c + 4.5) MeV
 layer energy                c = logit(clip(E / 65 GeV, 0, 1))              E = 65 GeV * inverse logit(c)
+flow-1 "fractions"          logit(E_tot / 2 E_inc), logit(E_i / sum_j>=i)  products of the fractions (see below)
 layer index (flow-3)        one_hot(n - 1, 44)                             argmax + 1
 ==========================  =============================================  =========================================
 
@@ -80,6 +81,37 @@ def decode_layer_energy(c: torch.Tensor) -> torch.Tensor:
     return inverse_logit(c) * E_NORM_MEV
 
 
+# Flow-1's own view of the 45 layer energies. "absolute" is the reference's (each layer's logit(E / 65 GeV)): the
+# shower's total, and so the energy response, is then a sum of 45 independently erred outputs. "fractions" is
+# CaloFlow's: u_0 = E_tot / (2 E_inc), u_i = E_i / sum_{j >= i} E_j, all in logit space, so E_tot / E_inc is ONE
+# feature the flow learns directly and every decoded shower's layers add up to it exactly.
+ENERGY_ENCODINGS = ("absolute", "fractions")
+E_TOT_SCALE = 2.0  # u_0 = E_tot / (2 E_inc): electromagnetic showers deposit at most ~1.1 E_inc after scaling
+
+
+def encode_flow1(layer_e: torch.Tensor, e_inc: torch.Tensor, encoding: str) -> torch.Tensor:
+    """(B, 45) layer energies (MeV, noise added by the caller), (B,) or (B, 1) E_inc -> flow-1 features (B, 45)."""
+    if encoding == "absolute":
+        return encode_layer_energy(layer_e)
+    total = layer_e.sum(dim=-1, keepdim=True)
+    # Energy still to deposit from layer i on; clamp keeps an all-empty tail finite (its fractions are then 0).
+    remaining = torch.flip(torch.cumsum(torch.flip(layer_e, [-1]), -1), [-1]).clamp_min(1e-30)
+    u = torch.cat([total / (E_TOT_SCALE * e_inc.reshape(-1, 1)), layer_e[:, :-1] / remaining[:, :-1]], dim=-1)
+    return logit(u.clamp(0.0, 1.0))
+
+
+def decode_flow1(c: torch.Tensor, e_inc: torch.Tensor, encoding: str) -> torch.Tensor:
+    """Inverse of :func:`encode_flow1`: flow-1 samples (B, 45) -> layer energies (B, 45) MeV."""
+    if encoding == "absolute":
+        return decode_layer_energy(c)
+    u = inverse_logit(c)
+    total = u[:, :1] * E_TOT_SCALE * e_inc.reshape(-1, 1)
+    f = u[:, 1:]  # the share of what is left that each of layers 0..43 takes; layer 44 takes the rest
+    ones = torch.ones_like(total)
+    remaining = total * torch.cat([ones, torch.cumprod(1.0 - f, dim=-1)], dim=-1)
+    return remaining * torch.cat([f, ones], dim=-1)
+
+
 def one_hot_layer(n: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Layer index n in 1..44 (the layer being generated) -> one-hot of n - 1 over 44 classes."""
     return torch.nn.functional.one_hot(n.long() - 1, N_CLASSES).to(dtype)
@@ -97,16 +129,20 @@ def encode_shape(layer: torch.Tensor, generator: torch.Generator | None = None, 
     return logit(normalise(layer)[0])
 
 
-def decode_shape(y: torch.Tensor, energy: torch.Tensor, renormalise: bool = False) -> torch.Tensor:
-    """Flow output (B, V) -> voxel energies (MeV) for layer energies ``energy`` (B,).
+def decode_shape(y: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+    """Flow output (B, V) -> voxel energies (MeV) for layer energies ``energy`` (B,), as the reference does: the
+    inverse-logit shape times the energy, not renormalised (see :func:`rescale`)."""
+    return denormalise(inverse_logit(y), energy)
 
-    The reference multiplies the inverse-logit shape by the energy without renormalising (its renormalisation
-    is commented out); ``renormalise=True`` makes each layer sum exactly to ``energy`` instead.
+
+def rescale(layer: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+    """Scale each (thresholded) layer (B, V) to sum exactly to ``energy`` (B,); an empty layer stays empty.
+
+    Applied after the readout threshold, like the layer energies flow-1 learnt (sums of thresholded voxels): a
+    shape flow's error then moves energy between voxels but never changes E_layer or E_tot.
     """
-    shape = inverse_logit(y)
-    if renormalise:
-        shape = normalise(shape)[0]
-    return denormalise(shape, energy)
+    total = layer.sum(dim=-1, keepdim=True)
+    return torch.where(total > 0, layer * (energy.unsqueeze(-1) / total.clamp_min(1e-30)), layer)
 
 
 def apply_threshold(x: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -17,6 +17,9 @@ from hpc_calo.atomic import atomic_path
 from hpc_calo.errors import UserError
 
 STAGES = ("prep", "teacher", "student", "sample", "evaluate")
+# What a per-flow training budget may name, and the units a budget may be given in.
+BUDGET_FLOWS = ("flow1", "flow2", "flow3", "flow2_student", "flow3_student")
+BUDGET_UNITS = ("epochs", "steps", "minutes")
 
 
 @dataclass
@@ -66,6 +69,9 @@ class PipelineConfig:
     sample_backend: str = "local"  # local | mpi | ray
     sample_workers: int = 2
     epochs: int | None = None  # override every flow's preset epochs (quick runs)
+    # Per-flow budgets, e.g. {"flow1": {"epochs": 300}, "flow3": {"minutes": 120}}: one unit per flow; they win
+    # over ``epochs``. Changing a budget and re-running extends (or ends) that flow's training.
+    budget: dict[str, dict[str, float]] = field(default_factory=dict)
     eval_epochs: int = 50  # classifier epochs of the evaluation (official: 50)
     resources: Resources = field(default_factory=Resources)
 
@@ -84,6 +90,13 @@ class PipelineConfig:
             "report": "report",
             "logs": "logs",
         }[name]
+
+    def budget_for(self, flow: int, student: bool = False) -> dict[str, float]:
+        """The training budget of one flow: {unit: amount}, or {} for the preset's epochs."""
+        b = self.budget.get(f"flow{flow}" + ("_student" if student else ""))
+        if b:
+            return dict(b)
+        return {"epochs": self.epochs} if self.epochs is not None else {}
 
     def training_files(self) -> list[Path]:
         if self.synthetic:
@@ -109,6 +122,15 @@ class PipelineConfig:
                 raise UserError(f"{p}: no such file")
         if self.showers is not None and self.showers <= 0:
             raise UserError("--showers must be positive")
+        for name, b in self.budget.items():
+            if name not in BUDGET_FLOWS:
+                raise UserError(f"budget: unknown flow {name!r}; choose from {', '.join(BUDGET_FLOWS)}")
+            if not isinstance(b, dict) or len(b) != 1 or next(iter(b)) not in BUDGET_UNITS:
+                raise UserError(f"budget {name}: give exactly one of {', '.join(BUDGET_UNITS)}, not {b!r}")
+            (unit, amount), = b.items()
+            if not isinstance(amount, int | float) or not amount > 0 or (unit != "minutes" and amount != int(amount)):
+                kind = "number" if unit == "minutes" else "integer"
+                raise UserError(f"budget {name}: {unit} must be a positive {kind}, not {amount!r}")
         if self.sample_backend not in ("local", "mpi", "ray"):
             raise UserError(f"--sample-backend must be local, mpi or ray, not {self.sample_backend!r}")
         self.resources.minutes()
@@ -146,7 +168,10 @@ def resolve(file_values: dict[str, Any], flag_values: dict[str, Any]) -> Pipelin
     res = {**file_values.get("resources", {}), **{k: v for k, v in flag_values.pop("resources", {}).items()
                                                   if v is not None}}
     top = {k: v for k, v in file_values.items() if k != "resources"}
+    budget = {**top.pop("budget", {}), **(flag_values.pop("budget", None) or {})}
     top.update({k: v for k, v in flag_values.items() if v is not None})
+    if budget:
+        top["budget"] = budget
     if "dataset" not in top or "out" not in top:
         raise UserError("--dataset and --out are required (on the command line or in --config)")
     cfg = PipelineConfig(**top, resources=Resources(**res))

@@ -79,11 +79,14 @@ def prep(cfg: PipelineConfig, mpi: bool = False) -> None:
         _call(convert, argv)
 
 
+def _budget_argv(cfg: PipelineConfig, flow: int, student: bool = False) -> list[str]:
+    return [a for unit, n in cfg.budget_for(flow, student).items()
+            for a in (f"--{unit}", str(n if unit == "minutes" else int(n)))]
+
+
 def _train_argv(cfg: PipelineConfig, flow: int) -> list[str]:
     argv = ["--flow", str(flow), "--store", str(cfg.path("store")), "--preset", cfg.preset,
-            "--out", str(cfg.path("run")), "--seed", str(cfg.seed)]
-    if cfg.epochs is not None:
-        argv += ["--epochs", str(cfg.epochs)]
+            "--out", str(cfg.path("run")), "--seed", str(cfg.seed), *_budget_argv(cfg, flow)]
     if cfg.resources.gpus_per_node:
         argv += ["--device", "cuda"]
     return argv
@@ -115,9 +118,7 @@ def student(cfg: PipelineConfig, address: str | None = None) -> None:
 
     for flow in (2, 3):
         argv = ["--run", str(cfg.path("run")), "--flow", str(flow), "--store", str(cfg.path("store")),
-                "--seed", str(cfg.seed)]
-        if cfg.epochs is not None:
-            argv += ["--epochs", str(cfg.epochs)]
+                "--seed", str(cfg.seed), *_budget_argv(cfg, flow, student=True)]
         if flow == 3 and (cfg.workers > 1 or address):
             argv += _ray_argv(cfg, address)
         _call(distill, argv)

@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--showers", type=int, help="showers to produce (default: as many as the reference)")
     p.add_argument("--preset", help="model preset: tiny, small, or the reference ds2 / ds3 (default tiny)")
     p.add_argument("--epochs", type=int, help="override the preset's epochs for every flow")
+    p.add_argument("--budget", action="append", metavar="FLOW=UNIT:N", type=_budget,
+                   help="training budget of one flow, repeatable: FLOW is flow1, flow2, flow3, flow2_student or "
+                        "flow3_student; UNIT is epochs, steps or minutes (e.g. --budget flow1=epochs:300 --budget "
+                        "flow3=minutes:120). In a config file: [budget.flow3] minutes = 120. Re-running with a "
+                        "larger budget extends that flow's training")
     p.add_argument("--eval-epochs", type=int, help="classifier epochs in the evaluation (official 50)")
     p.add_argument("--workers", type=int, help="Ray Train workers for flow-3 (teacher and student)")
     p.add_argument("--prep-ranks", type=int, help="MPI ranks of the store conversion")
@@ -62,6 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _budget(text: str) -> tuple[str, dict[str, float]]:
+    try:
+        name, rest = text.split("=", 1)
+        unit, amount = rest.split(":", 1)
+        return name.strip(), {unit.strip(): float(amount) if unit.strip() == "minutes" else int(amount)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected FLOW=UNIT:N (e.g. flow3=minutes:120), not {text!r}") from None
+
+
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     file_values: dict[str, Any] = load_file(args.config) if args.config else {}
     flags: dict[str, Any] = {
@@ -69,6 +83,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
                                       "epochs", "eval_epochs", "workers", "prep_ranks", "sample_backend",
                                       "sample_workers", "seed")
     }
+    flags["budget"] = dict(args.budget) if args.budget else None
     flags["resources"] = {k: getattr(args, k) for k in ("nodes", "gpus_per_node", "cpus_per_task", "partition",
                                                          "account", "qos", "time", "signal_delay_s",
                                                          "max_requeues")}

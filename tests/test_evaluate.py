@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -246,3 +247,25 @@ def test_writer_helper_round_trip(tmp_path) -> None:
     with CaloFile(tmp_path / "x.h5", DS2) as f:
         b = f.read(0, 2)
     assert np.array_equal(b.incident_energies, e) and np.array_equal(b.showers, s)
+
+
+def _features(path) -> object:
+    with CaloFile(path, DS2) as f:
+        collector = FeatureCollector(f.n, DS2)
+        scan(f, [collector], "features")
+    return collector.result()
+
+
+def test_cls_boost_sees_a_ten_percent_scale_error_at_2000_showers(synthetic) -> None:
+    """The official DNN test cannot see a x1.1 copy at this size; the boosted trees must, and stay at chance
+    for two independent samples of one distribution."""
+    from hpc_calo.evaluate.boost import boost_score
+
+    ref = _features(synthetic("ds2", 2000, 0))
+    same = _features(synthetic("ds2", 2000, 1))
+    scaled = copy.deepcopy(ref)
+    scaled.e_tot = ref.e_tot * 1.1
+    scaled.layer["e_layer"] = ref.layer["e_layer"] * 1.1  # every voxel x 1.1: shapes unchanged
+    plan = SplitPlan.make(2000, ClassifierConfig(seed=0))
+    assert boost_score(scaled, ref, plan, seed=0)["auc"] > 0.9
+    assert abs(boost_score(same, ref, plan, seed=0)["auc"] - 0.5) < 0.06

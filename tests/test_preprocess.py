@@ -59,7 +59,11 @@ def test_shape_encoding_decodes_to_layer_energies() -> None:
     y = pp.encode_shape(layer, noise=False)
     energy = layer.sum(-1)
     torch.testing.assert_close(pp.decode_shape(y, energy), layer, atol=1e-9, rtol=1e-9)
-    torch.testing.assert_close(pp.decode_shape(y, energy, renormalise=True).sum(-1), energy)
+    wrong = pp.apply_threshold(pp.decode_shape(y, 1.3 * energy) * (torch.rand(4, 144) > 0.1), 0.2)
+    rescaled = pp.rescale(wrong, energy)
+    torch.testing.assert_close(rescaled.sum(-1), energy)  # a wrong shape keeps the layer energy
+    assert torch.equal(rescaled > 0, wrong > 0)  # and its sparsity
+    assert torch.equal(pp.rescale(torch.zeros(2, 144), torch.ones(2)), torch.zeros(2, 144))  # empty stays empty
 
 
 def test_noise_is_fresh_bounded_and_reproducible() -> None:
@@ -75,3 +79,19 @@ def test_noise_is_fresh_bounded_and_reproducible() -> None:
     assert torch.equal(c, pp.add_noise(x))  # the global RNG (restored on resume) drives it by default
     # after the threshold cut the noise disappears: it is far below 15.15 keV
     assert pp.apply_threshold(a, 0.01515).abs().sum() == 0
+
+
+@pytest.mark.parametrize("encoding", pp.ENERGY_ENCODINGS)
+def test_flow1_encodings_invert(encoding: str) -> None:
+    g = torch.Generator().manual_seed(3)
+    e_inc = 1e3 * 1e3 ** torch.rand(64, generator=g, dtype=torch.float64)
+    layers = torch.rand(64, 45, generator=g, dtype=torch.float64)  # no layer above the absolute 65 GeV cap
+    layers = layers / layers.sum(1, keepdim=True) * e_inc[:, None] * 0.95
+    layers[:5, 30:] = 0.0  # showers that end early
+    layers = pp.add_noise(layers, g)
+    x = pp.encode_flow1(layers, e_inc, encoding)
+    assert torch.isfinite(x).all()
+    back = pp.decode_flow1(x, e_inc, encoding)
+    torch.testing.assert_close(back, layers, rtol=1e-6, atol=1e-9)
+    if encoding == "fractions":  # the first feature is E_tot / E_inc alone
+        torch.testing.assert_close(pp.inverse_logit(x[:, 0]) * pp.E_TOT_SCALE, layers.sum(1) / e_inc)

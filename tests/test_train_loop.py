@@ -129,3 +129,40 @@ def test_cli_trains_and_refuses_bad_input(store: Path, tmp_path: Path, capsys: p
     refused(["--flow", "2", "--preset", "tiny", *base], "checkpoint has flow=1")
     (run / "flow2" / "checkpoint.pt").write_bytes(b"garbage")
     refused(["--flow", "2", "--preset", "tiny", *base], "corrupt")
+
+
+def test_step_budget_and_extending_a_finished_run(store: Path, tmp_path: Path) -> None:
+    """A steps budget ends mid-epoch; re-running with a larger budget continues the same run instead of refusing."""
+    def run(**budget: float) -> dict:
+        cfg = TrainConfig(**{"epochs": 1, **budget}, batch_size=256, max_lr=3e-3, log_every=100)
+        return fit(model(2), *loaders(store, 2), cfg, tmp_path)
+
+    first = run(steps=9)  # 6 steps per epoch: one full epoch and a partial one
+    assert first["global_step"] == 9 and first["epochs"] == 2 and not first["stopped"]
+    assert len(epochs(tmp_path)) == 2
+    assert run(steps=9)["global_step"] == 9  # the same budget again: already done, nothing trained
+    extended = run(steps=15)
+    assert extended["global_step"] == 15
+    ck = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ck["total_steps"] == 15 and ck["budget"]["steps"] == 15
+    assert ck["scheduler"]["total_steps"] == 15 and ck["scheduler"]["last_epoch"] == 15
+    assert run(epochs=3)["global_step"] == 18  # a budget in another unit extends the same way
+
+
+def test_minutes_budget_becomes_a_fixed_step_budget(store: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig(epochs=1, batch_size=256, max_lr=3e-3, log_every=100, minutes=0.05)
+    result = fit(model(1), *loaders(store, 1), cfg, tmp_path)
+    ck = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ck["timed"] and ck["total_steps"] == result["global_step"] >= 20  # timed after its first 20 steps
+    assert 0 < result["train_s"] < 60
+    again = fit(model(1), *loaders(store, 1), cfg, tmp_path)  # same budget: the recorded plan is kept
+    assert again["global_step"] == result["global_step"]
+
+
+def test_quickstart_preset_models_energy_fractions() -> None:
+    from hpc_calo.flows.presets import get_preset
+
+    p = get_preset("quickstart")
+    assert p.energies == "fractions" and p.default_epochs(3, student=True) <= p.default_epochs(3)
+    m = FlowModel.from_preset(1, DS2, "quickstart")
+    assert m.meta()["energies"] == "fractions"

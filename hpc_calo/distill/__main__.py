@@ -11,6 +11,7 @@ import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,6 +36,10 @@ class DistillJob(Job):
 
     def describe(self) -> str:
         return f"{self.geometry.name} preset {self.preset}: distilling {self.teacher_path}"
+
+    def model_meta(self) -> dict[str, Any]:
+        """What a resumed checkpoint must match: the distillation's identity, not the bare student's."""
+        return self.make_model().meta()
 
     def make_model(self) -> DistillModel:  # type: ignore[override]
         dtype = self.cfg.torch_dtype
@@ -76,7 +81,7 @@ def build_job(args: argparse.Namespace) -> DistillJob:
         raise UserError(f"{store_path}: a {store.geometry.name} store, but the run is {run['dataset']}")
     if not 0.0 <= args.beta <= 1.0:
         raise UserError(f"--beta must lie in [0, 1], not {args.beta}")
-    cfg = train_config(args, preset, f"flow-{args.flow}-student")
+    cfg = train_config(args, preset, f"flow-{args.flow}-student", student=True)
     energy_range = store.energy_range()
     return DistillJob(args.flow, run["preset"], Path(store_path), store.geometry, Path(args.run), cfg, args.memory_gb,
                       student=True, energy_range=energy_range, extra={"pdd": {"beta": args.beta}},

@@ -13,7 +13,7 @@ from hpc_calo.evaluate.pipeline import evaluate
 
 
 def build_parser() -> argparse.ArgumentParser:
-    metrics = "\n".join(f"  {k:9s} {v}" for k, v in METRIC_HELP.items())
+    metrics = "\n".join(f"  {k:10s} {v}" for k, v in METRIC_HELP.items())
     p = argparse.ArgumentParser(
         prog="python -m hpc_calo.evaluate",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -307,6 +307,7 @@ def train_and_score(data: ClassifierData, cfg: ClassifierConfig, desc: str) -> d
         "epochs_run": len(history),
         "history": history,
         "input_dim": data.dim,
+        "batch_size": cfg.batch_size,
         "n_params": sum(p.numel() for p in model.parameters()),
         "split_sizes_per_class": data.plan.sizes,
     }

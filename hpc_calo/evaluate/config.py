@@ -7,12 +7,14 @@ from pathlib import Path
 
 from hpc_calo.errors import UserError
 
-METRICS = ("hist", "cls-low", "cls-high", "fpd")
+METRICS = ("hist", "cls-low", "cls-high", "cls-boost", "fpd")
 METRIC_HELP = {
     "hist": "high-level feature histograms with the official binnings: separation power and chi2/NDF, "
     "plus the voxel-energy distribution (one extra pass over REF)",
     "cls-low": "DNN classifier on the voxels (log10 E_inc and voxels / E_inc), AUC and JSD",
     "cls-high": "DNN classifier on the 362 high-level features, AUC and JSD",
+    "cls-boost": "gradient-boosted trees on the high-level features with energies relative to E_inc: sees what the "
+    "official DNN tests miss at a few thousand showers; AUC and JSD",
     "fpd": "Frechet and kernel physics distances (FPD, KPD) on the 362 high-level features",
 }
 

@@ -16,6 +16,7 @@ import torch
 from hpc_calo.atomic import atomic_path
 from hpc_calo.errors import UserError
 from hpc_calo.evaluate import plots
+from hpc_calo.evaluate.boost import boost_score
 from hpc_calo.evaluate.classifier import ClassifierConfig, ClassifierData, LowLevelWriter, SplitPlan, train_and_score
 from hpc_calo.evaluate.config import EvalConfig
 from hpc_calo.evaluate.distances import FPDConfig, KPDConfig, fpd, kpd
@@ -36,6 +37,25 @@ from hpc_calo.io import CaloFile
 
 def _warn(msg: str) -> None:
     print(f"WARNING: {msg}", file=sys.stderr)
+
+
+CLASSIFIERS = {"cls-low", "cls-high", "cls-boost"}
+# The official DNN test on 2 x 100k showers: 120 batches of 1000 per epoch x 50 epochs. Far fewer steps and the
+# DNN has not learnt enough to see a real difference: its AUC then says little.
+OFFICIAL_STEPS = 6000
+
+
+def _checked_steps(result: dict[str, object]) -> dict[str, object]:
+    """Record the optimiser steps the DNN test took; warn when they are far below the official test's."""
+    sizes = result["split_sizes_per_class"]
+    assert isinstance(sizes, dict)
+    steps = int(result["epochs_run"]) * -(-2 * sizes["train"] // int(result["batch_size"]))
+    result["optimiser_steps"] = steps
+    if steps < OFFICIAL_STEPS // 4:
+        result["warning"] = (f"{steps} optimiser steps against the official test's {OFFICIAL_STEPS}: too few examples "
+                             "for this DNN to see moderate differences; read cls-boost")
+        _warn(f"classifier: {result['warning']}")
+    return result
 
 
 def _cls_config(cfg: EvalConfig) -> ClassifierConfig:
@@ -84,7 +104,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, object]:
     geo = get_geometry(cfg.dataset)
     if not cfg.out.parent.exists():
         raise UserError(f"{cfg.out}: parent directory {cfg.out.parent} does not exist")
-    cls_cfg = _cls_config(cfg) if {"cls-low", "cls-high"} & set(cfg.metrics) else None
+    cls_cfg = _cls_config(cfg) if CLASSIFIERS & set(cfg.metrics) else None
     timings: dict[str, float] = {}
     report: dict[str, object] = {}
     with CaloFile(cfg.gen, geo) as fg, CaloFile(cfg.ref, geo) as fr, atomic_path(cfg.out) as tmp:
@@ -99,7 +119,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, object]:
 
         n_cls = min(fg.n, fr.n)
         plan: SplitPlan | None = None
-        if "cls-low" in cfg.metrics or "cls-high" in cfg.metrics:
+        if CLASSIFIERS & set(cfg.metrics):
             if fg.n != fr.n:
                 _warn(f"GEN has {fg.n} showers and REF {fr.n}: the classifiers use the first {n_cls} of each")
             assert cls_cfg is not None
@@ -137,7 +157,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, object]:
             assert cls_cfg is not None
             t = time.perf_counter()
             try:
-                report["cls_low"] = train_and_score(low, cls_cfg, "classifier low-level")
+                report["cls_low"] = _checked_steps(train_and_score(low, cls_cfg, "classifier low-level"))
             finally:
                 low.close()
                 shutil.rmtree(tmp / "_cls_low", ignore_errors=True)
@@ -150,11 +170,16 @@ def evaluate(cfg: EvalConfig) -> dict[str, object]:
                 for c, feats in ((0, gen_f), (1, ref_f)):
                     x = feats.high_level_inputs()[:n_cls]
                     high.add(c, np.arange(n_cls), x)
-                report["cls_high"] = train_and_score(high, cls_cfg, "classifier high-level")
+                report["cls_high"] = _checked_steps(train_and_score(high, cls_cfg, "classifier high-level"))
             finally:
                 high.close()
                 shutil.rmtree(tmp / "_cls_high", ignore_errors=True)
             timings["cls_high_s"] = time.perf_counter() - t
+        if "cls-boost" in cfg.metrics:
+            assert plan is not None
+            t = time.perf_counter()
+            report["cls_boost"] = boost_score(gen_f, ref_f, plan, cfg.seed)
+            timings["cls_boost_s"] = time.perf_counter() - t
         if "fpd" in cfg.metrics:
             t = time.perf_counter()
             x_ref, x_gen = ref_f.high_level_inputs(), gen_f.high_level_inputs()

@@ -27,6 +27,13 @@ def _headline(r: dict) -> list[str]:
                 f"| classifier {name}: AUC / JSD (calibrated) | {c['auc']:.4f} / {c['jsd']:.4f} "
                 f"(best epoch {c['best_epoch']} of {c['epochs_run']}) |"
             )
+    for key, name in (("cls_low", "low-level"), ("cls_high", "high-level")):
+        if key in r and r[key].get("warning"):
+            lines.append(f"| {name} DNN test: WARNING | {r[key]['warning']} |")
+    if "cls_boost" in r:
+        c = r["cls_boost"]
+        lines.append(f"| classifier cls-boost (gradient-boosted trees, high-level): AUC / JSD (calibrated) | "
+                     f"{c['auc']:.4f} / {c['jsd']:.4f} ({c['iterations']} trees) |")
     if "fpd" in r:
         lines.append(f"| FPD x 10^3 | {1e3 * r['fpd']['value']:.4f} ± {1e3 * r['fpd']['error']:.4f} |")
         lines.append(f"| KPD x 10^3 | {1e3 * r['kpd']['value']:.4f} ± {1e3 * r['kpd']['error']:.4f} |")
@@ -87,7 +94,8 @@ def write_markdown(r: dict, path: Path) -> None:
         "",
         "Separation power S = 1/2 sum (h_GEN - h_REF)^2 / (h_GEN + h_REF) of unit-normalised histograms "
         "(0: identical, 1: disjoint). chi2/NDF: two-sample chi2 homogeneity test (ROOT Chi2Test UU); "
-        "about 1 for samples of one distribution. AUC 0.5 / JSD 0: the classifier cannot tell GEN from REF.",
+        "about 1 for samples of one distribution (not given for voxel energies: the voxels of one shower are "
+        "correlated, which the test does not allow for). AUC 0.5 / JSD 0: the classifier cannot tell GEN from REF.",
     ]
     if r.get("figures"):
         lines += ["", "## Figures", "", *[f"- [{p}]({p})" for p in r["figures"]]]

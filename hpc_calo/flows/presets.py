@@ -1,8 +1,8 @@
 """Named architectures and training defaults for the three flows.
 
 ``ds2`` and ``ds3`` reproduce the reference iCaloFlow teachers (19,470,168 and 95,088,152 parameters for the
-three together) and may only be used with their own dataset. ``small`` and ``tiny`` fit any dataset and
-exist for the CPU quickstart and the tests.
+three together) and may only be used with their own dataset. ``small``, ``quickstart`` and ``tiny`` fit any
+dataset and exist for CPU runs, the quickstart and the tests.
 """
 
 from __future__ import annotations
@@ -34,6 +34,11 @@ class Preset:
     max_lr: dict[int, float] = field(default_factory=lambda: {1: 1e-4, 2: 1e-3, 3: 1e-3})
     batch_size: int = 1000
     epochs: dict[int, int] = field(default_factory=lambda: {1: 100, 2: 100, 3: 50})
+    student_epochs: dict[int, int] | None = None  # distillation epochs of flows 2 and 3; None: as ``epochs``
+    energies: str = "absolute"  # flow-1's encoding of the layer energies (hpc_calo.preprocess.ENERGY_ENCODINGS)
+
+    def default_epochs(self, flow: int, student: bool = False) -> int:
+        return (self.student_epochs or self.epochs)[flow] if student else self.epochs[flow]
 
     def context(self, flow: int, geometry: Geometry) -> int:
         v = geometry.voxels_per_layer
@@ -79,6 +84,20 @@ PRESETS: dict[str, Preset] = {
             epochs={1: 30, 2: 30, 3: 10},
             max_lr={1: 1e-3, 2: 1e-3, 3: 1e-3},
             batch_size=500,
+            energies="fractions",
+        ),
+        # The quickstart's: sized so the whole pipeline runs in about five minutes on two cores. Flow-1 (cheap, and
+        # it alone sets every layer energy and so the energy response) trains longest; the shape flows briefly.
+        Preset(
+            "quickstart",
+            None,
+            {1: FlowArch(64, 1), 2: FlowArch(64, 1, 64), 3: FlowArch(64, 1, 64)},
+            blocks=4,
+            epochs={1: 60, 2: 20, 3: 2},
+            student_epochs={2: 10, 3: 1},
+            max_lr={1: 3e-3, 2: 3e-3, 3: 2e-3},
+            batch_size=256,
+            energies="fractions",
         ),
         Preset(
             "tiny",

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hpc_calo.errors import UserError, run_cli
-from hpc_calo.precision import PRECISION_HELP, PRECISIONS
+from hpc_calo.precision import PRECISION_HELP, PRECISIONS, add_renormalise_argument
 from hpc_calo.sample.backends import BACKENDS
 from hpc_calo.sample.job import Launch, Output
 from hpc_calo.sample.plan import Request
@@ -79,6 +79,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dtype", choices=PRECISIONS, default="float32", help=PRECISION_HELP)
     p.add_argument("--teachers", action="store_true", help="sample with the teacher flows even if students exist")
+    add_renormalise_argument(p)
     p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -104,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device=args.device,
         dtype=args.dtype,
         students=False if args.teachers else None,
+        renormalise=args.renormalise,
     )
     output = Output(path=args.out, parts_dir=args.parts_dir, keep_parts=args.keep_parts, compression=args.compression)
     launch = Launch(backend=args.backend, workers=args.workers, address=args.address, progress=not args.no_progress)

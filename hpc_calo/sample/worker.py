@@ -49,7 +49,8 @@ def load_chain(req: Request, device: str | None = None) -> Any:
         raise UserError(f"--device {req.device}: CUDA is not available on {_host()}")
     check_run_dir(req.run_dir)
     dtype, matmul_dtype = resolve(req.dtype)
-    return Chain.load(req.run_dir, device=device, dtype=dtype, students=req.students, matmul_dtype=matmul_dtype)
+    return Chain.load(req.run_dir, device=device, dtype=dtype, students=req.students, matmul_dtype=matmul_dtype,
+                      renormalise=req.renormalise)
 
 
 def _host() -> str:

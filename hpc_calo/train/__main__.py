@@ -157,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
 def add_training_arguments(p: argparse.ArgumentParser) -> None:
     """The optimisation, precision, data-budget and Ray flags shared by training and distillation."""
     p.add_argument("--epochs", type=int, help="epochs (default: the preset's for this flow)")
+    p.add_argument("--steps", type=int,
+                   help="budget in optimiser steps instead of epochs (the last epoch may be partial)")
+    p.add_argument("--minutes", type=float,
+                   help="budget in minutes of training instead of epochs: turned into steps from the speed of the "
+                        "first steps. Resuming with a larger budget (any of --epochs/--steps/--minutes) extends the "
+                        "run; the learning-rate schedule is re-planned over the new total")
     p.add_argument("--batch-size", type=int,
                    help="GLOBAL batch size, split evenly over workers (default: the preset's)")
     p.add_argument("--lr", type=float, help="OneCycle peak learning rate (default: the preset's for this flow)")
@@ -174,12 +180,14 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     add_ray_arguments(p)
 
 
-def train_config(args: argparse.Namespace, preset: Preset, name: str) -> TrainConfig:
+def train_config(args: argparse.Namespace, preset: Preset, name: str, student: bool = False) -> TrainConfig:
     """The TrainConfig of a command line: flags where given, else the preset's defaults for the flow."""
     if args.memory_gb <= 0:
         raise UserError(f"--memory-gb must be positive, not {args.memory_gb}")
     return TrainConfig(
-        epochs=args.epochs or preset.epochs[args.flow],
+        epochs=args.epochs or preset.default_epochs(args.flow, student),
+        steps=args.steps,
+        minutes=args.minutes,
         batch_size=args.batch_size or preset.batch_size,
         max_lr=args.lr or preset.max_lr[args.flow],
         grad_clip=args.grad_clip,
@@ -210,7 +218,7 @@ def run_local(job: Job) -> dict[str, Any]:
     """The single-worker path: this process is rank 0 of 1."""
     job.prepare()
     train, val = job.make_loaders(0, 1)
-    print(f"[{job.cfg.name}] {job.describe()}: {len(train)} steps/epoch x {job.cfg.epochs} epochs, "
+    print(f"[{job.cfg.name}] {job.describe()}: {len(train)} steps/epoch, budget {job.cfg.budget()}, "
           f"batch {job.cfg.batch_size}, loader {train.mode} -> {job.out_dir}", file=sys.stderr)
     return fit(job.make_model(), train, val, job.cfg, job.out_dir)
 

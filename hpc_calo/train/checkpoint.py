@@ -68,7 +68,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def check_meta(path: str | os.PathLike[str], saved: dict[str, Any], current: dict[str, Any]) -> None:
     """Refuse to resume a checkpoint of another dataset / flow / preset / architecture into this model."""
-    for key in sorted(set(saved) | set(current)):
+    first = ("kind", "dataset", "flow", "student", "preset")  # the most telling difference is named
+    for key in sorted(set(saved) | set(current), key=lambda k: (first.index(k) if k in first else len(first), k)):
         if saved.get(key) != current.get(key):
             raise UserError(
                 f"{path}: checkpoint has {key}={saved.get(key)!r} but this run has {key}={current.get(key)!r}; "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -22,6 +23,10 @@ class TrainConfig:
     """
 
     epochs: int = 10
+    # Budgets that replace ``epochs`` when given: a number of optimiser steps (the last epoch may be partial), or
+    # minutes of training, turned into steps from the speed of the first STEPS_TO_TIME steps and then fixed.
+    steps: int | None = None
+    minutes: float | None = None
     batch_size: int = 1000  # global batch, see above
     max_lr: float = 1e-3  # OneCycle peak learning rate
     pct_start: float = 0.3  # fraction of the steps spent warming up (OneCycle)
@@ -40,7 +45,11 @@ class TrainConfig:
             raise UserError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise UserError("epochs and batch size must be positive")
-        if self.max_lr <= 0:
+        if self.steps is not None and self.steps < 1:
+            raise UserError(f"steps must be positive, not {self.steps}")
+        if self.minutes is not None and not (self.minutes > 0 and math.isfinite(self.minutes)):
+            raise UserError(f"minutes must be positive, not {self.minutes}")
+        if not (self.max_lr > 0 and math.isfinite(self.max_lr)):
             raise UserError(f"learning rate must be positive, not {self.max_lr}")
         if self.checkpoint_every < 1 or self.log_every < 1:
             raise UserError("checkpoint_every and log_every must be positive")
@@ -48,6 +57,12 @@ class TrainConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    def budget(self) -> str:
+        """The budget in words, for progress lines."""
+        if self.minutes is not None:
+            return f"{self.minutes:g} min"
+        return f"{self.steps} steps" if self.steps is not None else f"{self.epochs} epochs"
 
     def per_worker_batch(self, world_size: int) -> int:
         """The rule: the global batch is split evenly over the workers."""

@@ -19,6 +19,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from hpc_calo.train.checkpoint import check_meta, load_checkpoint, rng_state, sa
 from hpc_calo.train.config import TrainConfig
 
 CHECKPOINT = "checkpoint.pt"
+TIMING_STEPS = 20  # steps whose speed turns a time budget into a step budget
 BEST = "best.pt"
 METRICS = "metrics.jsonl"
 
@@ -108,8 +110,10 @@ def evaluate(module: nn.Module, loader: Iterable[Mapping[str, torch.Tensor]] | N
 class _Progress:
     """One line per interval on rank 0: loss, learning rate, samples/s, ETA; and the metrics.jsonl log."""
 
-    def __init__(self, cfg: TrainConfig, out_dir: Path, enabled: bool, total_steps: int, start_step: int) -> None:
+    def __init__(self, cfg: TrainConfig, out_dir: Path, enabled: bool, total_steps: int, start_step: int,
+                 steps_per_epoch: int) -> None:
         self.cfg, self.enabled, self.total, self.start_step = cfg, enabled, total_steps, start_step
+        self.steps_per_epoch = steps_per_epoch
         self.path = out_dir / METRICS
         self.t0 = time.perf_counter()
         self.samples = 0
@@ -132,11 +136,39 @@ class _Progress:
         self.write({"event": "step", "epoch": epoch, "step": global_step, "loss": loss, "lr": lr,
                     "samples_per_s": rate})
         print(
-            f"[{self.cfg.name}] epoch {epoch + 1}/{self.cfg.epochs} step {global_step}/{self.total} "
+            f"[{self.cfg.name}] epoch {epoch + 1}/{_epochs(self.total, self.steps_per_epoch)} "
+            f"step {global_step}/{self.total} "
             f"loss {loss:.4f} lr {lr:.2e} {rate:,.0f} samples/s ETA {_hms(eta)}",
             file=sys.stderr,
             flush=True,
         )
+
+
+def _epochs(total_steps: int, steps_per_epoch: int) -> int:
+    return -(-total_steps // steps_per_epoch)
+
+
+def one_cycle(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int, done: int
+              ) -> torch.optim.lr_scheduler.OneCycleLR:
+    """OneCycle over ``total_steps``, already advanced by the ``done`` steps a resumed run has taken."""
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.max_lr, total_steps=max(total_steps, done + 1),
+                                                pct_start=cfg.pct_start)
+    with warnings.catch_warnings():  # stepping the schedule alone is the point here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(done):
+            sched.step()
+    return sched
+
+
+def _steps_for_time(cfg: TrainConfig, step: int, since: tuple[int, float], trained_s: float,
+                    device: torch.device) -> int:
+    """The step count that a ``cfg.minutes`` budget allows at the speed measured since ``since``."""
+    s0, t0 = since
+    rate = (step - s0) / max(time.perf_counter() - t0, 1e-9)
+    rate_t = torch.tensor([rate], dtype=torch.float64, device=device)
+    if _distributed():  # every rank must plan the same schedule: the slowest sets it
+        dist.all_reduce(rate_t, op=dist.ReduceOp.MIN)
+    return max(step + 1, s0 + int(float(rate_t[0]) * (cfg.minutes * 60 - trained_s)))
 
 
 def _hms(s: float) -> str:
@@ -178,27 +210,39 @@ def fit(
     steps_per_epoch = len(train_loader)
     if steps_per_epoch < 1:
         raise UserError(f"{cfg.name}: the training set gives no batch of {cfg.batch_size} (too few examples)")
-    total_steps = cfg.epochs * steps_per_epoch
+    budget = {"epochs": cfg.epochs, "steps": cfg.steps, "minutes": cfg.minutes}
+    # A time budget is turned into steps once the speed is known; until then a provisional, long schedule runs.
+    total_steps = TIMING_STEPS * 100 if cfg.minutes else (cfg.steps or cfg.epochs * steps_per_epoch)
+    timed = cfg.minutes is None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.max_lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.max_lr, total_steps=total_steps,
-                                                pct_start=cfg.pct_start)
+    sched = one_cycle(opt, cfg, total_steps, 0)
 
-    epoch, step_in_epoch, global_step, best_val, last_val = 0, 0, 0, math.inf, math.nan
+    epoch, step_in_epoch, global_step, best_val, last_val, trained_s = 0, 0, 0, math.inf, math.nan, 0.0
     ckpt_path = out_dir / CHECKPOINT
     if ckpt_path.exists():
         ck = load_checkpoint(ckpt_path)
         check_meta(ckpt_path, ck.get("meta", {}), meta)
-        if ck["total_steps"] != total_steps or ck["steps_per_epoch"] != steps_per_epoch:
+        if ck["steps_per_epoch"] != steps_per_epoch:
             raise UserError(
-                f"{ckpt_path}: saved run has {ck['total_steps']} steps ({ck['steps_per_epoch']} per epoch), this "
-                f"one {total_steps} ({steps_per_epoch} per epoch): epochs, batch size or data changed"
+                f"{ckpt_path}: saved run has {ck['steps_per_epoch']} steps per epoch, this one {steps_per_epoch}: "
+                "the batch size or the data changed; use another --out"
             )
         raw.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
         epoch, step_in_epoch, global_step = ck["epoch"], ck["step_in_epoch"], ck["global_step"]
         best_val, last_val = ck["best_val"], ck.get("last_val", math.nan)
+        trained_s = float(ck.get("train_s", 0.0))
+        if ck.get("budget") == budget and (ck.get("timed", True) or cfg.minutes is None):
+            total_steps, timed = ck["total_steps"], True
+            sched.load_state_dict(ck["scheduler"])
+        else:  # a new budget extends (or shortens) the run: the schedule is re-planned over the new total
+            if is_rank0 and ck.get("budget") != budget:
+                print(f"[{cfg.name}] budget changed to {cfg.budget()}: continuing from step {global_step}",
+                      file=sys.stderr)
+            if cfg.minutes:
+                total_steps = global_step + TIMING_STEPS * 100
+            sched = one_cycle(opt, cfg, total_steps, global_step)
         rngs = ck["rng"]
         if len(rngs) == world_size:
             set_rng_state(rngs[rank])
@@ -209,9 +253,10 @@ def fit(
     else:
         seed_all(_derived_seed(cfg.seed, rank))
 
-    progress = _Progress(cfg, out_dir, is_rank0, total_steps, global_step)
+    progress = _Progress(cfg, out_dir, is_rank0, total_steps, global_step, steps_per_epoch)
     t_start = time.perf_counter()
     skipped = 0
+    timing_from = (global_step, t_start)
 
     def checkpoint(ep: int, step: int) -> None:
         states = [rng_state()]
@@ -223,7 +268,8 @@ def fit(
                 "meta": meta, "config": cfg.to_dict(), "world_size": world_size,
                 "model": raw.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "epoch": ep, "step_in_epoch": step, "global_step": global_step,
-                "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+                "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "budget": budget, "timed": timed,
+                "train_s": trained_s + time.perf_counter() - t_start,
                 "best_val": best_val, "last_val": last_val, "rng": states,
             })
 
@@ -232,13 +278,13 @@ def fit(
                 "stopped": stopped, "skipped_steps": skipped, "train_s": time.perf_counter() - t_start}
 
     clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-    while epoch < cfg.epochs:
+    while global_step < total_steps:
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(epoch)
         model.train()
         ep_loss, ep_rows = torch.zeros((), dtype=torch.float64, device=device), 0
         for i, batch in enumerate(train_loader):
-            if i >= steps_per_epoch:
+            if i >= steps_per_epoch or global_step >= total_steps:
                 break
             if i < step_in_epoch:  # resume mid-epoch: replay the epoch's order, skip what was done
                 continue
@@ -262,6 +308,12 @@ def fit(
                 progress.step(epoch, global_step, float(loss.detach()), sched.get_last_lr()[0], rows * world_size)
             else:
                 progress.samples += rows * world_size
+            if not timed and global_step - timing_from[0] == TIMING_STEPS:
+                total_steps = _steps_for_time(cfg, global_step, timing_from, trained_s, device)
+                sched, timed = one_cycle(opt, cfg, total_steps, global_step), True
+                progress.total = total_steps
+                if is_rank0:
+                    print(f"[{cfg.name}] {cfg.budget()} budget: {total_steps} steps", file=sys.stderr, flush=True)
             if global_step % cfg.checkpoint_every == 0 and step_in_epoch < steps_per_epoch:
                 checkpoint(epoch, step_in_epoch)
             if cfg.max_steps is not None and global_step >= cfg.max_steps:
@@ -285,8 +337,8 @@ def fit(
                    "elapsed_s": time.perf_counter() - t_start}
         progress.write({"event": "epoch", **metrics})
         if is_rank0:
-            print(f"[{cfg.name}] epoch {epoch}/{cfg.epochs} train {train_loss:.4f} val {last_val:.4f} "
-                  f"best {best_val:.4f}{' *' if improved else ''}", file=sys.stderr, flush=True)
+            print(f"[{cfg.name}] epoch {epoch}/{_epochs(total_steps, steps_per_epoch)} train {train_loss:.4f} "
+                  f"val {last_val:.4f} best {best_val:.4f}{' *' if improved else ''}", file=sys.stderr, flush=True)
         if report is not None:
             report(metrics)
     return summary(stopped=False)

@@ -1,0 +1,364 @@
+"""Convergence benchmark: train the whole chain on synthetic DS2, then score its showers against the statistical
+floor with the evaluation a user runs.
+
+python -m bench.fidelity [--quick] [--work runs/fidelity] [--preset small] [--budget flow3=minutes:120 ...]
+                         [--jobs 2] [--threads 1] [--out bench/results/fidelity.json] [--figures docs/figures]
+
+Every step runs the product's own command in a child process (as a user would) and is skipped when its output
+exists, so the benchmark survives being stopped and restarted: training resumes from its checkpoints, and a
+larger ``--budget`` on a re-run extends a flow's training. Steps:
+
+1. synthetic files: training (``--train`` showers), held-out A and held-out B (``--heldout`` each, other seeds);
+2. the pair store (``data_prep.convert``);
+3. the teachers (``hpc_calo.train``), then the students (``hpc_calo.distill``), up to ``--jobs`` at a time (a
+   student waits for its teacher), each child with ``--threads`` torch threads;
+4. showers for held-out A's incident energies from the teacher chain and from the student chain
+   (``hpc_calo.generate``), each with and without layer renormalisation;
+5. ``hpc_calo.evaluate`` of each against held-out A, and of held-out B against held-out A: the floor, what two
+   independent samples of the same physics score;
+6. the JSON summary (``--out``) and figures (``--figures``): validation-loss curves per flow and the separation
+   power of every feature group beside the floor.
+
+``--quick`` shrinks every size so that the whole plumbing runs in CI-sized time; its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.report import machine
+
+FLOWS = ("flow1", "flow2", "flow3", "flow2_student", "flow3_student")
+CHAINS = ("teacher", "student")
+GROUPS = ("etot_einc", "e_layer", "ec_eta", "ec_phi", "width_eta", "width_phi", "ec_r", "width_r", "sparsity", "voxel")
+
+
+@dataclass(frozen=True)
+class Settings:
+    work: Path
+    preset: str
+    train: int
+    heldout: int
+    budget: dict[str, str]
+    jobs: int
+    threads: int
+    eval_epochs: int
+    out: Path | None
+    figures: Path | None
+    quick: bool
+    seed: int = 11
+    log: list[str] = field(default_factory=list)
+
+    def path(self, *parts: str) -> Path:
+        return self.work.joinpath(*parts)
+
+
+def _budget_flags(s: Settings, name: str) -> list[str]:
+    if name not in s.budget:
+        return []
+    unit, amount = s.budget[name].split(":")
+    return [f"--{unit}", amount]
+
+
+_print_lock = threading.Lock()
+
+
+def _say(msg: str) -> None:
+    with _print_lock:
+        print(f"[fidelity {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _run(s: Settings, name: str, module: str, args: list[str]) -> None:
+    """Run ``python -m module args`` with its output in WORK/logs/NAME.log; raise with the log's tail on failure."""
+    logs = s.path("logs")
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(s.threads), "MKL_NUM_THREADS": str(s.threads)}
+    t = time.perf_counter()
+    _say(f"{name}: python -m {module} {' '.join(args)}")
+    with open(logs / f"{name}.log", "a") as log:
+        code = subprocess.run([sys.executable, "-m", module, *args], stdout=log, stderr=subprocess.STDOUT,
+                              env=env).returncode
+    if code:
+        tail = (logs / f"{name}.log").read_text().splitlines()[-15:]
+        raise SystemExit(f"{name} failed (exit {code}); the end of {logs / f'{name}.log'}:\n" + "\n".join(tail))
+    _say(f"{name}: done in {time.perf_counter() - t:.0f} s")
+
+
+def make_data(s: Settings) -> None:
+    for name, n, seed in (("train", s.train, s.seed), ("heldout_a", s.heldout, s.seed + 1),
+                          ("heldout_b", s.heldout, s.seed + 2)):
+        if not s.path("data", f"{name}.h5").exists():
+            s.path("data").mkdir(parents=True, exist_ok=True)
+            _run(s, f"synth_{name}", "data_prep.synth", ["--dataset", "ds2", "--showers", str(n), "--seed", str(seed),
+                                                          "--out", str(s.path("data", f"{name}.h5"))])
+    _run(s, "convert", "data_prep.convert", ["--dataset", "ds2", str(s.path("data", "train.h5")),
+                                             "--out", str(s.path("store.zarr")), "--val-fraction", "0.1", "--quiet"])
+
+
+def _train_one(s: Settings, name: str) -> None:
+    flow = name[4]
+    common = ["--threads", str(s.threads), "--log-every", "200", *_budget_flags(s, name)]
+    if name.endswith("_student"):
+        _run(s, name, "hpc_calo.distill", ["--run", str(s.path("run")), "--flow", flow, *common])
+    else:
+        _run(s, name, "hpc_calo.train", ["--flow", flow, "--store", str(s.path("store.zarr")), "--preset", s.preset,
+                                         "--out", str(s.path("run")), *common])
+
+
+def _evaluate(s: Settings, key: str, gen: Path) -> None:
+    out = s.path("reports", key)
+    if (out / "report.json").exists():
+        return
+    metrics = "hist,cls-boost" if key.endswith("_unnormalised") else "hist,cls-low,cls-high,cls-boost,fpd"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _run(s, f"evaluate_{key}", "hpc_calo.evaluate", [
+        str(gen), str(s.path("data", "heldout_a.h5")), "--dataset", "ds2", "--out", str(out), "--metrics", metrics,
+        "--epochs", str(s.eval_epochs), *(["--no-plots"] if s.quick else [])])
+
+
+def _parallel(s: Settings, tasks: dict[str, Any], after: dict[str, str]) -> None:
+    """Run ``tasks`` (name -> callable), ``jobs`` at a time in this order; ``after[name]`` must finish first."""
+    done = {name: threading.Event() for name in tasks}
+    failures: list[BaseException] = []
+
+    def task(name: str) -> None:
+        try:
+            if name in after:
+                done[after[name]].wait()
+            if not failures:
+                tasks[name]()
+        except BaseException as err:  # surfaced below, after the pool stops
+            failures.append(err)
+        finally:
+            done[name].set()
+
+    with ThreadPoolExecutor(max_workers=s.jobs) as pool:
+        list(pool.map(task, tasks))
+    if failures:
+        raise failures[0]
+
+
+def train_all(s: Settings) -> None:
+    """Teachers and students (a student after its teacher), flow-3 first (the longest); the floor's evaluation
+    needs no model, so it fills a free core while the rest trains."""
+    tasks: dict[str, Any] = {name: (lambda n=name: _train_one(s, n)) for name in ("flow3", "flow1", "flow2",
+                                                                                  "flow2_student")}
+    tasks["floor"] = lambda: _evaluate(s, "floor", s.path("data", "heldout_b.h5"))
+    tasks["flow3_student"] = lambda: _train_one(s, "flow3_student")
+    _parallel(s, tasks, {"flow2_student": "flow2", "flow3_student": "flow3"})
+
+
+def generate_all(s: Settings) -> dict[str, Path]:
+    files = {}
+    ref = s.path("data", "heldout_a.h5")
+    for chain in CHAINS:
+        for renorm in (True, False):
+            key = chain + ("" if renorm else "_unnormalised")
+            out = s.path("gen", f"{key}.h5")
+            files[key] = out
+            if out.exists():
+                continue
+            out.parent.mkdir(parents=True, exist_ok=True)
+            _run(s, f"generate_{key}", "hpc_calo.generate", [
+                "--run", str(s.path("run")), "--energies", str(ref), "--out", str(out), "--seed", "0",
+                "--students", "yes" if chain == "student" else "no", "--threads", str(s.threads), "--no-progress",
+                "--renormalise" if renorm else "--no-renormalise"])
+    return files
+
+
+def evaluate_all(s: Settings, files: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    """Every report: the two chains with every metric, the unnormalised variants with the cheap ones, the floor."""
+    cases = {**files, "floor": s.path("data", "heldout_b.h5")}
+    _parallel(s, {key: (lambda k=key, g=gen: _evaluate(s, k, g)) for key, gen in cases.items()}, {})
+    return {key: json.loads(s.path("reports", key, "report.json").read_text()) for key in cases}
+
+
+def _summary(report: dict[str, Any]) -> dict[str, Any]:
+    groups = report.get("histograms", {}).get("groups", {})
+    out: dict[str, Any] = {
+        "mean_e_tot_over_e_inc": report["mean_e_tot_over_e_inc"],
+        "separation_power": {g: groups[g]["mean_separation_power"] for g in GROUPS if g in groups},
+    }
+    for key in ("cls_low", "cls_high", "cls_boost"):
+        if key in report:
+            out[key] = {k: report[key][k] for k in ("auc", "jsd") if k in report[key]}
+            if "optimiser_steps" in report[key]:
+                out[key]["optimiser_steps"] = report[key]["optimiser_steps"]
+    for key in ("fpd", "kpd"):
+        if key in report:
+            out[key] = {"value": report[key]["value"], "error": report[key]["error"]}
+    return out
+
+
+def training_record(s: Settings) -> dict[str, Any]:
+    """Per flow: validation-loss curve, steps and core-hours (training seconds x torch threads)."""
+    rec = {}
+    for name in FLOWS:
+        d = s.path("run", name)
+        if not (d / "metrics.jsonl").exists():
+            continue
+        epochs = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        epochs = [e for e in epochs if e.get("event") == "epoch"]
+        cfg = json.loads((d / "config.json").read_text())
+        rec[name] = {
+            "curve": [{"step": e["step"], "val": e["val_loss"], "train": e["train_loss"]} for e in epochs],
+            "steps": epochs[-1]["step"] if epochs else 0,
+            "best_val": min((e["val_loss"] for e in epochs), default=None),
+            "core_hours": sum(e.get("elapsed_s", 0) for e in epochs[-1:]) * s.threads / 3600 if epochs else 0.0,
+            "batch_size": cfg["train"]["batch_size"],
+            "budget": s.budget.get(name, "preset epochs"),
+        }
+    return rec
+
+
+def plot(s: Settings, result: dict[str, Any]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    assert s.figures is not None
+    s.figures.mkdir(parents=True, exist_ok=True)
+    paths = []
+    fig, axes = plt.subplots(1, len(result["training"]), figsize=(3.2 * len(result["training"]), 3.0))
+    for ax, (name, rec) in zip(axes if len(result["training"]) > 1 else [axes], result["training"].items(),
+                               strict=True):
+        steps = [p["step"] for p in rec["curve"]]
+        ax.plot(steps, [p["val"] for p in rec["curve"]], "o-", ms=3, label="validation")
+        ax.plot(steps, [p["train"] for p in rec["curve"]], "--", lw=1, label="training")
+        ax.set_title(f"{name} ({rec['core_hours']:.2f} core-h)", fontsize=9)
+        ax.set_xlabel("optimiser step")
+        ax.set_ylabel("KL estimate" if name.endswith("student") else "NLL (nats)")
+    axes_list = axes if len(result["training"]) > 1 else [axes]
+    axes_list[0].legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(s.figures / "fidelity_loss.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 3.4))
+    groups = [g for g in GROUPS if g in result["chains"]["floor"]["separation_power"]]
+    width = 0.8 / 3
+    for i, key in enumerate(("teacher", "student", "floor")):
+        sp = result["chains"][key]["separation_power"]
+        ax.bar([j + (i - 1) * width for j in range(len(groups))], [sp[g] for g in groups], width, label=key)
+    ax.set_xticks(range(len(groups)), groups, rotation=30, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("mean separation power")
+    ax.legend(fontsize=8)
+    ax.set_title(f"synthetic DS2, {result['settings']['heldout']} showers vs held-out; floor: a second held-out file")
+    fig.tight_layout()
+    paths.append(s.figures / "fidelity_separation.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def goals(result: dict[str, Any]) -> dict[str, Any]:
+    c, floor = result["chains"], result["chains"]["floor"]["separation_power"]
+    t, st = c["teacher"], c["student"]
+    out = {
+        "teacher_cls_high_auc<=0.80": t.get("cls_high", {}).get("auc", 1.0) <= 0.80,
+        "teacher_cls_low_auc<=0.85": t.get("cls_low", {}).get("auc", 1.0) <= 0.85,
+        "student_within_0.05_of_teacher": all(
+            st.get(k, {}).get("auc", 1.0) <= t.get(k, {}).get("auc", 0.0) + 0.05 for k in ("cls_low", "cls_high")),
+        "core_hours<=12": sum(r["core_hours"] for r in result["training"].values()) <= 12,
+    }
+    for chain in CHAINS:
+        for g in ("e_layer", "etot_einc"):
+            out[f"{chain}_S({g})<=2x_floor"] = c[chain]["separation_power"][g] <= 2 * floor[g]
+    return out
+
+
+def run(s: Settings) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    make_data(s)
+    train_all(s)
+    files = generate_all(s)
+    reports = evaluate_all(s, files)
+    result: dict[str, Any] = {
+        "command": "python -m bench.fidelity " + " ".join(sys.argv[1:]),
+        "machine": machine(),
+        "settings": {"preset": s.preset, "train": s.train, "heldout": s.heldout, "budget": s.budget,
+                     "threads": s.threads, "jobs": s.jobs, "eval_epochs": s.eval_epochs, "quick": s.quick},
+        "training": training_record(s),
+        "chains": {k: _summary(r) for k, r in reports.items()},
+    }
+    result["goals"] = goals(result)
+    if s.figures is not None:
+        result["figures"] = [str(p) for p in plot(s, result)]
+    result["wall_s_this_invocation"] = round(time.perf_counter() - t0, 1)
+    if s.out is not None:
+        s.out.parent.mkdir(parents=True, exist_ok=True)
+        s.out.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def _check_budget(text: str) -> tuple[str, str]:
+    name, _, rest = text.partition("=")
+    unit, _, amount = rest.partition(":")
+    if name not in FLOWS or unit not in ("epochs", "steps", "minutes") or not amount:
+        raise argparse.ArgumentTypeError(f"expected FLOW=UNIT:N with FLOW one of {', '.join(FLOWS)}, not {text!r}")
+    return name, f"{unit}:{amount}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.fidelity", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, default=Path("runs/fidelity"), help="work folder (resumable)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: checks the plumbing in CI-sized time")
+    p.add_argument("--preset", default=None, help="model preset (default small; --quick: tiny)")
+    p.add_argument("--train", type=int, default=None, help="training showers (default 20000)")
+    p.add_argument("--heldout", type=int, default=None, help="showers in each held-out file (default 10000)")
+    p.add_argument("--budget", action="append", type=_check_budget, default=[], metavar="FLOW=UNIT:N",
+                   help="per-flow training budget (as launch.submit --budget); a larger one on a re-run extends")
+    p.add_argument("--jobs", type=int, default=1, help="training processes at a time (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per child process (default 1)")
+    p.add_argument("--eval-epochs", type=int, default=None, help="DNN classifier epochs (default 50; --quick: 1)")
+    p.add_argument("--out", type=Path, default=None, help="summary JSON (default WORK/fidelity.json)")
+    p.add_argument("--figures", type=Path, default=None, help="figure folder (default WORK/figures)")
+    a = p.parse_args(argv)
+    if a.jobs < 1 or a.threads < 1:
+        p.error("--jobs and --threads must be >= 1")
+    quick_budget = {"flow1": "steps:30", "flow2": "steps:20", "flow3": "steps:30", "flow2_student": "steps:10",
+                    "flow3_student": "steps:10"}
+    s = Settings(
+        work=a.work,
+        preset=a.preset or ("tiny" if a.quick else "small"),
+        train=a.train or (300 if a.quick else 20_000),
+        heldout=a.heldout or (200 if a.quick else 10_000),
+        budget={**(quick_budget if a.quick else {}), **dict(a.budget)},
+        jobs=a.jobs,
+        threads=a.threads,
+        eval_epochs=a.eval_epochs or (1 if a.quick else 50),
+        out=a.out or a.work / "fidelity.json",
+        figures=a.figures or a.work / "figures",
+        quick=a.quick,
+    )
+    result = run(s)
+    for chain, r in result["chains"].items():
+        sp = r["separation_power"]
+        aucs = " ".join(f"{k}={r[k]['auc']:.3f}" for k in ("cls_low", "cls_high", "cls_boost") if k in r)
+        print(f"{chain:24s} S(E_tot/E_inc)={_num(sp.get('etot_einc'))} S(E_layer)={_num(sp.get('e_layer'))} {aucs}")
+    print("goals:", json.dumps(result["goals"]))
+    print(f"wrote {s.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
