@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml
 
 quickstart: setup
 	$(PY) -m launch.submit --cluster local --dataset ds2 --synthetic 3000 --preset quickstart --showers 2000 --out runs/quickstart
+	$(PY) -m bench.quickstart_bars runs/quickstart/report
 
 test: setup
 	bash slurm/local_cluster.sh up

@@ -189,6 +189,11 @@ def test_distill_cli_writes_a_student_the_chain_uses(tiny_run: Path, tmp_path: P
     shutil.copytree(tiny_run, run)
     assert main(["--run", str(run), "--flow", "2", "--epochs", "1", "--log-every", "1000"]) == 0
     assert (run / "flow2_student" / "best.pt").is_file()
+    quality = json.loads((run / "flow2_student" / "diagnostics.json").read_text())
+    assert quality["samples"] > 0 and 0.0 <= quality["student_vs_teacher_auc"] <= 1.0
+    assert quality["teacher_loglik_teacher_samples"] is not None
+    # Re-running resumes the finished distillation (its checkpoint is a distillation's, not a bare flow's).
+    assert main(["--run", str(run), "--flow", "2", "--epochs", "1", "--diagnostic-samples", "0"]) == 0
     chain = Chain.load(run, fast=False)
     assert chain.students[1] is False and chain.students[2] is True
     a = chain.sample([5e3, 5e4, 5e5], seed=1)

@@ -8,6 +8,8 @@ teachers. Its ``best.pt`` is the student with the lowest validation KL; the gene
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any
 
 import torch
 
+from hpc_calo.atomic import atomic_path
 from hpc_calo.data.store import open_store
 from hpc_calo.distill.pdd import DistillModel, PDDConfig
 from hpc_calo.errors import UserError, run_cli
@@ -62,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flow", type=int, required=True, choices=(2, 3), help="which flow's student (flow-1 stays a MAF)")
     p.add_argument("--store", type=Path, help="pair store (default: the one recorded in RUN_DIR/run.json)")
     p.add_argument("--beta", type=float, default=0.5, help="weight of the x-pass; the z-pass gets 1-beta (default 0.5)")
+    p.add_argument("--diagnostic-samples", type=int, default=10_000,
+                   help="after distilling, score the best student on this many validation rows: the teacher's "
+                        "log-likelihood of student vs teacher samples and a student-vs-teacher classifier AUC "
+                        "(written to flow<k>_student/diagnostics.json); 0: skip (default 10000)")
     add_training_arguments(p)
     return p
 
@@ -88,9 +95,36 @@ def build_job(args: argparse.Namespace) -> DistillJob:
                       pdd=PDDConfig(beta=args.beta))
 
 
+def report_quality(job: DistillJob, n: int) -> dict[str, Any]:
+    """Score the saved best student against its teacher (hpc_calo.distill.diagnose) and record it."""
+    from hpc_calo.distill.diagnose import diagnose
+
+    teacher = load_flow_model(job.teacher_path, dataset=job.geometry.name, flow=job.flow)
+    student = load_flow_model(job.out_dir / "best.pt", dataset=job.geometry.name, flow=job.flow)
+    train, val = job.make_loaders(0, 1)
+    result = diagnose(teacher, student, val if val is not None else train, n, seed=job.cfg.seed)
+    with atomic_path(job.out_dir / "diagnostics.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+
+    def f(key: str) -> str:
+        return "n/a" if result[key] is None else f"{result[key]:.2f}"
+
+    print(f"[{job.cfg.name}] quality on {result['samples']} rows: teacher log-likelihood of student samples "
+          f"{f('teacher_loglik_student_samples')}, of its own samples {f('teacher_loglik_teacher_samples')}, of the "
+          f"data {f('teacher_loglik_data')}; student-vs-teacher AUC {result['student_vs_teacher_auc']:.3f}",
+          file=sys.stderr)
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return execute(build_job(args), args)
+    if args.diagnostic_samples < 0:
+        raise UserError(f"--diagnostic-samples must be >= 0, not {args.diagnostic_samples}")
+    job = build_job(args)
+    code = execute(job, args)
+    if args.diagnostic_samples and (job.out_dir / "best.pt").is_file():
+        report_quality(job, args.diagnostic_samples)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,0 +1,53 @@
+"""The convergence benchmark's plumbing (``bench.fidelity --quick``) and the quickstart's bars read from reports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.fidelity import FLOWS
+from bench.quickstart_bars import check
+from hpc_calo.flows.presets import get_preset
+
+
+@pytest.mark.integration
+def test_quick_fidelity_run_resumes_and_reports(tmp_path: Path) -> None:
+    work = tmp_path / "fid"
+    cmd = [sys.executable, "-m", "bench.fidelity", "--quick", "--work", str(work), "--jobs", "2"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    result = json.loads((work / "fidelity.json").read_text())
+    assert set(result["training"]) == set(FLOWS)
+    for rec in result["training"].values():
+        assert rec["steps"] > 0 and rec["curve"] and rec["core_hours"] > 0
+    chains = result["chains"]
+    assert set(chains) == {"teacher", "student", "teacher_unnormalised", "student_unnormalised", "floor"}
+    for key in ("teacher", "student", "floor"):
+        assert {"cls_low", "cls_high", "cls_boost", "fpd", "kpd"} <= set(chains[key])
+        assert 0.0 <= chains[key]["cls_boost"]["auc"] <= 1.0
+    assert {"e_layer", "etot_einc"} <= set(chains["floor"]["separation_power"])
+    assert (work / "figures" / "fidelity_loss.png").stat().st_size > 0
+    assert (work / "figures" / "fidelity_separation.png").stat().st_size > 0
+    for chain in ("teacher", "student"):  # the renormalisation choice is recorded in each output file
+        import h5py
+
+        with h5py.File(work / "gen" / f"{chain}.h5") as a, h5py.File(work / "gen" / f"{chain}_unnormalised.h5") as b:
+            assert bool(a.attrs["renormalise"]) and not bool(b.attrs["renormalise"])
+    # Run again: every step is found done; training resumes at its end and takes no step.
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:]
+    assert json.loads((work / "fidelity.json").read_text())["training"] == result["training"]
+    assert "python -m hpc_calo.generate" not in again.stdout and "python -m hpc_calo.evaluate" not in again.stdout
+    bars = check(json.loads((work / "reports" / "floor" / "report.json").read_text()))
+    assert all(ok for *_, ok in bars.values()), bars  # two samples of one distribution meet the quickstart's bars
+    bars = check(json.loads((work / "reports" / "teacher" / "report.json").read_text()))
+    assert not all(ok for *_, ok in bars.values())  # a few steps of a tiny model do not
+
+
+def test_quickstart_preset_exists() -> None:
+    p = get_preset("quickstart")
+    assert p.dataset is None and p.energies == "fractions"
