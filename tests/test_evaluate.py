@@ -95,7 +95,7 @@ def _official_separation_power(a: np.ndarray, b: np.ndarray, bins: np.ndarray) -
 
 
 def test_blockwise_features_and_separation_powers_match_the_official_definitions(synthetic) -> None:
-    """Deliverable 3: block-wise vectorised results equal a loop transcription of the official code."""
+    """Block-wise vectorised results equal a loop transcription of the official code."""
     gen_path, ref_path = synthetic("ds2", 40, seed=3), synthetic("ds2", 40, seed=4)
     feats = {}
     raw = {}

@@ -12,7 +12,7 @@ What it removes from the plain nflows path (``flow._transform.inverse``), all wi
 
 Numerics: float64 and float32 agree with nflows to rounding (tests/test_fast.py). ``matmul_dtype=torch.bfloat16``
 runs only the GEMMs in bf16 (spline in float32): faster where the hardware has bf16 units, at a measured cost in
-fidelity (see /work/brief/bench_sample.md) — off by default.
+fidelity (BENCHMARKS.md, "bf16 fidelity", measured by ``python -m bench.precision``) — off by default.
 """
 
 from __future__ import annotations
