@@ -26,7 +26,8 @@ def test_features_of_a_hand_built_shower() -> None:
     # Layer 10: one voxel only: centre at that voxel, width 0.
     grid[0, 10, 4, 2] = 2.0
     path_e = np.array([1000.0])
-    from hpc_calo.evaluate.features import apply_threshold, block_features
+    from hpc_calo.evaluate.features import block_features
+    from hpc_calo.geometry import apply_threshold
 
     f = block_features(apply_threshold(shower.copy()), geo)
     r_mid = (np.arange(9) + 0.5) * 4.65

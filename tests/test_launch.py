@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from hpc_calo import rundir
 from hpc_calo.errors import UserError
 from hpc_calo.io import check_file
 from launch.config import load_file, resolve
@@ -200,7 +201,7 @@ def test_slurm_training_requeues_on_the_checkpoint_signal_and_resumes(slurm: Non
     assert states[-1] == "COMPLETED" and "REQUEUED" in states, (states, log_text()[-3000:])
     assert "resuming at epoch" in log_text()
     for flow in (1, 2, 3):
-        assert (out / "run" / f"flow{flow}" / "best.pt").is_file()
+        assert rundir.weights(out / "run", flow).is_file()
 
 
 # --- Ray job submission ---------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ teachers. Its ``best.pt`` is the student with the lowest validation KL; the gene
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,14 +16,13 @@ from typing import Any
 
 import torch
 
-from hpc_calo.atomic import atomic_path
+from hpc_calo import rundir
 from hpc_calo.data.store import open_store
 from hpc_calo.distill.pdd import DistillModel, PDDConfig
 from hpc_calo.errors import UserError, run_cli
 from hpc_calo.flows.presets import get_preset
 from hpc_calo.models import FlowModel, load_flow_model
-from hpc_calo.train.__main__ import Job, add_training_arguments, execute, flow_dir_name, train_config
-from hpc_calo.train.checkpoint import read_run
+from hpc_calo.train.__main__ import Job, add_training_arguments, execute, train_config
 
 
 @dataclass
@@ -35,7 +33,7 @@ class DistillJob(Job):
 
     @property
     def teacher_path(self) -> Path:
-        return self.run_dir / flow_dir_name(self.flow) / "best.pt"
+        return rundir.weights(self.run_dir, self.flow)
 
     def describe(self) -> str:
         return f"{self.geometry.name} preset {self.preset}: distilling {self.teacher_path}"
@@ -75,9 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_job(args: argparse.Namespace) -> DistillJob:
     """Validate the run folder, teacher and store; no file is written here."""
-    run = read_run(args.run)
+    run = rundir.read_run(args.run)
     preset = get_preset(run["preset"])
-    teacher = args.run / flow_dir_name(args.flow) / "best.pt"
+    teacher = rundir.weights(args.run, args.flow)
     if not teacher.is_file():
         raise UserError(f"{args.run}: no trained flow-{args.flow} teacher ({teacher}); train it first")
     store_path = args.store or (Path(run["store"]) if run.get("store") else None)
@@ -100,11 +98,10 @@ def report_quality(job: DistillJob, n: int) -> dict[str, Any]:
     from hpc_calo.distill.diagnose import diagnose
 
     teacher = load_flow_model(job.teacher_path, dataset=job.geometry.name, flow=job.flow)
-    student = load_flow_model(job.out_dir / "best.pt", dataset=job.geometry.name, flow=job.flow)
+    student = load_flow_model(rundir.weights_in(job.out_dir), dataset=job.geometry.name, flow=job.flow)
     train, val = job.make_loaders(0, 1)
     result = diagnose(teacher, student, val if val is not None else train, n, seed=job.cfg.seed)
-    with atomic_path(job.out_dir / "diagnostics.json") as tmp:
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    rundir.write_json(rundir.diagnostics_in(job.out_dir), result)
 
     def f(key: str) -> str:
         return "n/a" if result[key] is None else f"{result[key]:.2f}"
@@ -122,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--diagnostic-samples must be >= 0, not {args.diagnostic_samples}")
     job = build_job(args)
     code = execute(job, args)
-    if args.diagnostic_samples and (job.out_dir / "best.pt").is_file():
+    if args.diagnostic_samples and rundir.weights_in(job.out_dir).is_file():
         report_quality(job, args.diagnostic_samples)
     return code
 

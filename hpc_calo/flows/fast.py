@@ -25,6 +25,7 @@ from nflows import flows, transforms
 from torch import nn
 
 from hpc_calo.flows.build import InverseSplineAutoregressiveTransform
+from hpc_calo.flows.passes import is_student
 
 
 def rq_spline_inverse(
@@ -318,3 +319,14 @@ class CudaGraphSampler:
         self.c.copy_(context)
         self.graph.replay()
         return self.out
+
+
+def fast_sampler(flow: flows.Flow, matmul_dtype: torch.dtype | None = None, compile: bool = False) -> nn.Module:
+    """The fast z -> x of a built flow: FastStudent for a student, FastMAF for a MAF teacher.
+
+    ``matmul_dtype`` and ``compile`` apply to students only (a MAF's steps are too small to gain from either).
+    """
+    if is_student(flow):
+        fast = FastStudent(flow, matmul_dtype=matmul_dtype)
+        return fast.compile() if compile else fast
+    return FastMAF(flow)
