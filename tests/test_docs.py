@@ -17,7 +17,7 @@ TEXT = (".md", ".py", ".sh", ".toml", ".cfg", ".txt", ".yaml", ".yml")
 MACHINE = re.compile(r"(?<![\w.$-])/(?:" + "work|root|home" + r")/")
 # /tmp is fine as a place the product chooses for its own sockets and state (Ray, the local SLURM cluster),
 # not as where data or scripts are said to be.
-TMP = re.compile(r"(?<![\w.$-])/tmp/(?!ray-|hpc-calo-slurm|rj\{)")
+TMP = re.compile(r"(?<![\w.$-])/tmp/(?!ray-|hpc-calo-slurm)")
 ISSUE = re.compile(r"\b(?:issue|deliverable)s?\s*#?\s*\d+", re.IGNORECASE)
 
 
