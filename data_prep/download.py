@@ -271,13 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
             "(reference). DS3: dataset_3_1/3_2.hdf5 (train), dataset_3_3.hdf5 (reference; the pipeline evaluates "
             "against this one), dataset_3_4.hdf5 (a second held-out file, with --files all)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--dataset", choices=tuple(OFFICIAL), required=True, help="CaloChallenge data set")
     p.add_argument("--out", type=Path, default=out_dir,
-                   help=f"folder to download into (default: ${DATA_ENV} if set, else ./data)")
+                   help=f"folder to download into (default: ${DATA_ENV} if set, else ./data; now {out_dir})")
     p.add_argument("--files", choices=("train", "reference", "all"), default="all",
-                   help="which of the data set's files: the training ones, the reference, or every file")
+                   help="which of the data set's files: the training ones, the reference, or every file "
+                        "(default: all)")
     p.add_argument("--samples", action="store_true",
                    help="instead: the CaloChallenge submissions record of the data set (every model's published "
                         "samples, to evaluate with the same evaluator); pick files with --only, see them with --list")
@@ -287,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", metavar="GLOB", help="only the files whose name matches, e.g. '*iCaloFlow*'")
     p.add_argument("--list", action="store_true", help="list the record's files (name, size, md5) and stop")
     p.add_argument("--retries", type=int, default=5,
-                   help="times a dropped connection is resumed before giving up (the partial file is kept)")
+                   help="times a dropped connection is resumed before giving up (default 5); the partial file "
+                        "is kept either way")
     return p
 
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from hpc_calo.errors import run_cli
 from launch import stages
-from launch.config import STAGES
+from launch.config import STAGES, explain
 from launch.submit import build_parser, config_from_args
 
 
@@ -30,12 +30,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     if args.sample_backend is None:
         args.sample_backend = "ray"
-    cfg = config_from_args(args)
+    cfg, sources = config_from_args(args)
     # Inside `ray job submit` Ray sets RAY_ADDRESS; "auto" also finds a head started on this machine.
     address = os.environ.get("RAY_ADDRESS", "auto")
     selected = list(STAGES) if args.stage == "all" else [args.stage]
+    print(f"run folder: {cfg.root}", flush=True)
     if args.dry_run:
-        print(f"would run on the Ray cluster at {address}: {' -> '.join(selected)}; run folder {cfg.root}")
+        print(explain(cfg, sources))
+        print(f"would run on the Ray cluster at {address}: {' -> '.join(selected)}")
         return 0
     cfg.save()
     stages.clean_partial(cfg)
