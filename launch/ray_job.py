@@ -1,10 +1,11 @@
 """Entry point for ``ray job submit``: the pipeline's stages on an existing Ray cluster.
 
-    ray job submit --address http://HEAD:8265 --working-dir . -- \\
-        python -m launch.ray_job --dataset ds3 --stage all --data ... --reference ... --out /shared/run
+    ray job submit --address http://HEAD:8265 --runtime-env launch/runtime_env.yaml -- \\
+        python -m launch.ray_job --dataset ds3 --data-dir /shared/calo --out /shared/runs/ds3-ds3
 
-The driver runs where Ray puts the job; training attaches Ray Train to the cluster and the sampler fans out
-over Ray actors. ``--out`` must be on storage every node sees.
+Run from the repository root: the runtime environment ships the checkout and pip-installs it on every node. The
+driver runs where Ray puts the job; training attaches Ray Train to the cluster and the sampler fans out over Ray
+actors. The data directory and ``--out`` must be on storage every node sees.
 """
 
 from __future__ import annotations

@@ -259,14 +259,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.integration
-def test_ray_job_submit_against_local_head(tmp_path: Path) -> None:
+def _ray_head(env: dict[str, str]) -> tuple[str, int, str]:
+    """Start a local Ray head; return the ray CLI, its dashboard port and its temp dir."""
     ray = str(Path(PY).parent / "ray")
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     port, dash = _free_port(), _free_port()
     temp = f"/tmp/rj{os.getpid()}"
     subprocess.run([ray, "start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=2",
                     f"--temp-dir={temp}", "--disable-usage-stats"], check=True, env=env, capture_output=True)
+    return ray, dash, temp
+
+
+@pytest.mark.integration
+def test_ray_job_submit_against_local_head(tmp_path: Path) -> None:
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    ray, dash, temp = _ray_head(env)
     try:
         out = tmp_path / "rayjob"
         r = subprocess.run(
@@ -277,6 +283,34 @@ def test_ray_job_submit_against_local_head(tmp_path: Path) -> None:
         assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
         assert "succeeded" in r.stdout.lower()
         assert_pipeline_outputs(out)
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.integration
+def test_ray_job_submit_with_the_shipped_runtime_env(tmp_path: Path) -> None:
+    """The README's command: launch/runtime_env.yaml ships the checkout and pip-installs it into the job's
+    environment on the node; the job's first stage runs from there."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # The node's pip works offline: everything but hpc-calo itself is already installed, and the build uses the
+    # node's setuptools instead of fetching one.
+    ray, dash, temp = _ray_head({**env, "PIP_NO_INDEX": "1", "PIP_NO_BUILD_ISOLATION": "0"})
+    try:
+        out = tmp_path / "rayjob"
+        r = subprocess.run(
+            [ray, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--runtime-env", "launch/runtime_env.yaml",
+             "--", "python", "-m", "launch.ray_job", "--dataset", "ds2", "--synthetic", "200", "--preset", "tiny",
+             "--prep-ranks", "1", "--stage", "prep", "--out", str(out)],
+            capture_output=True, text=True, env=env, cwd=REPO, timeout=900,
+        )
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+        assert "succeeded" in r.stdout.lower()
+        assert check_file(out / "data" / "train.h5").n == 200
+        assert (out / "store.zarr" / "zarr.json").is_file()
+        installed = list(Path(temp).glob("session_*/runtime_resources/pip/*/virtualenv/lib/python*/site-packages/"
+                                         "hpc_calo-*.dist-info"))
+        assert installed, "hpc-calo was not pip-installed into the job's runtime environment"
     finally:
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True)
         shutil.rmtree(temp, ignore_errors=True)
