@@ -3,9 +3,11 @@ cluster (submitted, requeued, failed) and through ``ray job submit`` on a local 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -42,15 +44,18 @@ def assert_pipeline_outputs(out: Path, n: int = 200) -> None:
 
 def test_config_precedence_file_then_flags(tmp_path: Path) -> None:
     cfg_file = tmp_path / "run.toml"
-    cfg_file.write_text('preset = "small"\nepochs = 3\n[resources]\ntime = "00:10:00"\npartition = "gpu"\n')
+    cfg_file.write_text('preset = "small"\nepochs = 3\n[budget.flow1]\nepochs = 300\n[resources]\ntime = "00:10:00"\n'
+                        'partition = "gpu"\n')
     site = tmp_path / "site.toml"
     site.write_text('seed = 7\nepochs = 9\n[resources]\npartition = "cpu"\naccount = "proj"\n')
     cfg, sources = resolve([
         ("site file", load_file(site)),
         ("config file", load_file(cfg_file)),
         ("flag", {"dataset": "ds2", "out": str(tmp_path / "o"), "synthetic": 500, "epochs": 1, "preset": None,
-                  "resources": {"time": None, "nodes": 2}}),
+                  "budget": {"flow3": {"minutes": 120}}, "resources": {"time": None, "nodes": 2}}),
     ])
+    assert cfg.budget == {"flow1": {"epochs": 300}, "flow3": {"minutes": 120}}  # per flow: both kept
+    assert (sources["budget.flow1"], sources["budget.flow3"]) == ("config file", "flag")
     assert (cfg.preset, cfg.epochs, cfg.synthetic, cfg.seed) == ("small", 1, 500, 7)
     assert (cfg.resources.time, cfg.resources.partition, cfg.resources.nodes) == ("00:10:00", "gpu", 2)
     assert cfg.resources.account == "proj" and cfg.resources.minutes() == 10
@@ -269,6 +274,18 @@ def _ray_head(env: dict[str, str]) -> tuple[str, int, str]:
     return ray, dash, temp
 
 
+def _stop_head(temp: str) -> None:
+    """Stop the head started with ``temp``, and only it (``ray stop`` would stop every Ray on the machine);
+    its workers exit with their raylet."""
+    pids = subprocess.run(["pgrep", "-f", temp], capture_output=True, text=True).stdout.split()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), sig)
+        time.sleep(3)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
 @pytest.mark.integration
 def test_ray_job_submit_against_local_head(tmp_path: Path) -> None:
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
@@ -284,8 +301,7 @@ def test_ray_job_submit_against_local_head(tmp_path: Path) -> None:
         assert "succeeded" in r.stdout.lower()
         assert_pipeline_outputs(out)
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True)
-        shutil.rmtree(temp, ignore_errors=True)
+        _stop_head(temp)
 
 
 @pytest.mark.integration
@@ -312,5 +328,4 @@ def test_ray_job_submit_with_the_shipped_runtime_env(tmp_path: Path) -> None:
                                          "hpc_calo-*.dist-info"))
         assert installed, "hpc-calo was not pip-installed into the job's runtime environment"
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True)
-        shutil.rmtree(temp, ignore_errors=True)
+        _stop_head(temp)
