@@ -29,7 +29,7 @@ from hpc_calo import preprocess as pp
 from hpc_calo.data.store import ShardedLoader, open_store
 from hpc_calo.evaluate.histograms import log_edges, separation_power
 from hpc_calo.flows.presets import get_preset
-from hpc_calo.geometry import DS2, N_LAYERS, THRESHOLD_MEV
+from hpc_calo.geometry import DS2, N_LAYERS, apply_threshold
 from hpc_calo.models import FlowModel
 from hpc_calo.train import TrainConfig, fit
 
@@ -69,7 +69,7 @@ def train_and_score(encoding: str, a: argparse.Namespace, store: Path, work: Pat
     with torch.no_grad():
         e = torch.as_tensor(e_inc, dtype=torch.float32)
         x = model.sample(model.context1(e), torch.Generator().manual_seed(1))
-        gen = pp.apply_threshold(pp.decode_flow1(x, e, encoding), THRESHOLD_MEV).numpy()
+        gen = apply_threshold(pp.decode_flow1(x, e, encoding)).numpy()
     return {"encoding": encoding, "train_s": round(train_s, 1), "steps": summary["global_step"],
             "best_val_nll": summary["best_val"], **scores(e_inc, gen, e_inc, ref)}
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from data_prep.synth import write_synthetic
+
+# Ray >= 2.5x turns token authentication on for every new local cluster and keeps the token in ~/.ray; a head
+# started by `ray start` in one test and a client in another then disagree. The tests run throwaway local
+# clusters on the loopback interface: no authentication, unless the environment asks for it.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 @pytest.fixture

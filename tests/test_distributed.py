@@ -172,7 +172,7 @@ def test_two_workers_one_step_equals_one_worker_on_the_union_batch(one_step, tmp
     ref_m = [s["exp_avg"] for _, s in sorted(ref["opt"]["state"].items())]
     assert len(ray_m) == len(ref_m) > 0
     for a, b in zip(ray_m, ref_m, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)  # float32 reduction order: ~3e-7
 
     # The check can fail: a step on rank 0's half alone (what a worker would do without DDP) differs.
     half = _reference_step(job, tmp_path / "half", halves=(0,))
@@ -211,7 +211,7 @@ def test_distillation_two_workers_one_step_equals_one_worker_on_the_union_batch(
     ref_m = [s["exp_avg"] for _, s in sorted(ref["opt"]["state"].items())]
     assert len(ray_m) == len(ref_m) > 0
     for a, b in zip(ray_m, ref_m, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)  # float32 reduction order: ~3e-7
 
 
 def test_worker_shards_are_disjoint_cover_the_training_set_and_step_equally(one_step, store: Path) -> None:
