@@ -26,9 +26,10 @@ import torch
 from torch import nn
 
 from data_prep.convert import main as convert
-from hpc_calo.train.__main__ import build_job, build_parser
+from hpc_calo.train.__main__ import parse_request
 from hpc_calo.train.checkpoint import load_checkpoint
 from hpc_calo.train.distributed import HOLD_ENV, WORKERS_DIR, RayConfig, run_ray
+from hpc_calo.train.job import build_job
 from hpc_calo.train.loop import CHECKPOINT, _derived_seed, fit
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -68,7 +69,7 @@ def train_args(store: Path, out: Path, flow: int, *extra: str) -> list[str]:
 
 
 def job_for(store: Path, out: Path, flow: int, *extra: str) -> Any:
-    return build_job(build_parser().parse_args(train_args(store, out, flow, *extra)))
+    return build_job(parse_request(train_args(store, out, flow, *extra)))
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -188,15 +189,15 @@ def test_distillation_two_workers_one_step_equals_one_worker_on_the_union_batch(
     the global RNG, which ``_SameNoise`` replays per rank. The teacher is an untrained flow-3 (any frozen
     teacher will do for the comparison); the checkpoints hold the student alone.
     """
-    from hpc_calo.distill.__main__ import build_job as build_distill
-    from hpc_calo.distill.__main__ import build_parser as distill_parser
+    from hpc_calo.distill.__main__ import parse_request as parse_distill
+    from hpc_calo.distill.job import build_job as build_distill
 
     run = tmp_path / "run"
     teacher = job_for(store, run, 3)
     teacher.prepare()  # run.json
     teacher.make_model().save(teacher.out_dir / "best.pt")
     argv = ["--run", str(run), "--flow", "3", "--seed", str(SEED), "--log-every", "1000", *STEP_ARGS]
-    job = build_distill(distill_parser().parse_args(argv))
+    job = build_distill(parse_distill(argv))
     summary = run_ray(job, RayConfig(workers=2, memory_gb_per_worker=STEP_MEMORY_GB))
     assert summary["global_step"] == 1 and summary["world_size"] == 2
     ray_ck = load_checkpoint(job.out_dir / CHECKPOINT)

@@ -12,7 +12,7 @@ What it removes from the plain nflows path (``flow._transform.inverse``), all wi
 
 Numerics: float64 and float32 agree with nflows to rounding (tests/test_fast.py). ``matmul_dtype=torch.bfloat16``
 runs only the GEMMs in bf16 (spline in float32): faster where the hardware has bf16 units, at a measured cost in
-fidelity (see /work/brief/bench_sample.md) — off by default.
+fidelity (BENCHMARKS.md) — off by default.
 """
 
 from __future__ import annotations
@@ -290,8 +290,9 @@ def compiled_spline() -> Callable[..., torch.Tensor]:
 class CudaGraphSampler:
     """Replays a captured CUDA graph of a (compiled or plain) sampler for one fixed batch size.
 
-    GPU only (guarded): sampling at a fixed large batch is launch-bound without it. Inputs are copied into
-    static buffers; the returned tensor is the static output buffer (copy it before the next call).
+    GPU only (guarded): sampling is launch-bound without it (``Chain.use_cuda_graphs`` wraps every flow). Inputs
+    are copied into static buffers; the returned tensor is the static output buffer (copy it before the next
+    call).
     """
 
     def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch: int, features: int,

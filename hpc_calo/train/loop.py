@@ -202,6 +202,9 @@ def fit(
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     device, dtype = _device(cfg), cfg.torch_dtype
+    if cfg.amp == "tf32":
+        torch.set_float32_matmul_precision("high")  # float32 GEMMs on the TF32 tensor cores
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
     raw: nn.Module = getattr(model, "module", model)
     if raw is model:
         model.to(device=device, dtype=dtype)
@@ -290,7 +293,8 @@ def fit(
                 continue
             b = to_device(batch, device, dtype)
             rows = _rows(b)
-            loss = model(b)
+            with autocast:
+                loss = model(b)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(params, clip)
