@@ -62,7 +62,8 @@ def test_one_training_step_on_cuda(tiny_run: Path, tmp_path: Path, amp: str) -> 
     summary = train(TrainRequest(flow=3, store=tiny_run.parent / "store.zarr", preset="tiny", out=tmp_path / "run",
                                  options=opts))
     assert summary["global_step"] == 2 and summary["stopped"]
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "run/flow3/metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "run/flow3/metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["event"] == "step"]
     assert losses and all(np.isfinite(losses))
 
 
