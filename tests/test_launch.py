@@ -286,6 +286,11 @@ def test_every_setting_reaches_every_stage_that_uses_it(tmp_path: Path) -> None:
     # Inside an MPI job the sampler runs as every rank (each picks the GPU of its local rank).
     (mpi_sample,) = stages.REGISTRY["sample"].steps(cfg, stages.Where(mpi=True))
     assert mpi_sample.request.launch.backend == "mpi" and mpi_sample.request.request.device == "cuda"
+    # A flow's own budget wins over the pipeline's epochs, for that flow only.
+    budgeted = resolve({}, {"dataset": "ds2", "out": str(tmp_path / "o"), "synthetic": 500, "epochs": 2,
+                            "budget": {"flow3_student": {"steps": 9}}, "resources": {}})
+    students = [s.request.options for s in stages.REGISTRY["student"].steps(budgeted, stages.Where())]
+    assert [(o.epochs, o.steps) for o in students] == [(2, None), (None, 9)]
 
 
 def test_device_defaults_and_gpus_only_for_stages_that_use_them(tmp_path: Path) -> None:
