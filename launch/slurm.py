@@ -37,7 +37,7 @@ class StageJob(submitit.helpers.Checkpointable):
         cfg = PipelineConfig.from_dict(cfg_dict)
         env = submitit.JobEnvironment()
         if stages.REGISTRY[self.stage].ray:
-            self._train(cfg, env)
+            self._with_ray(cfg, env)
         else:
             stages.run(self.stage, cfg, stages.Where(mpi=env.num_tasks > 1))
         # The work is done: a checkpoint signal that lands now (while submitit pickles the result or the
@@ -45,7 +45,8 @@ class StageJob(submitit.helpers.Checkpointable):
         signal.signal(getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG), signal.SIG_IGN)
         return self.stage
 
-    def _train(self, cfg: PipelineConfig, env: submitit.JobEnvironment) -> None:
+    def _with_ray(self, cfg: PipelineConfig, env: submitit.JobEnvironment) -> None:
+        """Training stages: a Ray cluster inside the allocation when several nodes or workers train flow-3."""
         if env.num_nodes == 1 and cfg.workers == 1:
             stages.run(self.stage, cfg)
             return
