@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import machine
+from hpc_calo import rundir
 
 FLOWS = ("flow1", "flow2", "flow3", "flow2_student", "flow3_student")
 CHAINS = ("teacher", "student")
@@ -205,12 +206,12 @@ def training_record(s: Settings) -> dict[str, Any]:
     """Per flow: validation-loss curve, steps and core-hours (training seconds x torch threads)."""
     rec = {}
     for name in FLOWS:
-        d = s.path("run", name)
-        if not (d / "metrics.jsonl").exists():
+        d = rundir.flow_dir(s.path("run"), int(name[4]), name.endswith("_student"))
+        if not rundir.metrics_in(d).exists():
             continue
-        epochs = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        epochs = [json.loads(x) for x in rundir.metrics_in(d).read_text().splitlines()]
         epochs = [e for e in epochs if e.get("event") == "epoch"]
-        cfg = json.loads((d / "config.json").read_text())
+        cfg = json.loads(rundir.config_in(d).read_text())
         rec[name] = {
             "curve": [{"step": e["step"], "val": e["val_loss"], "train": e["train_loss"]} for e in epochs],
             "steps": epochs[-1]["step"] if epochs else 0,

@@ -25,8 +25,6 @@ import numpy as np
 
 from bench.report import emit
 
-GROUPS = ("etot_einc", "e_layer", "ec_eta", "ec_phi", "ec_r", "width_eta", "width_phi", "width_r", "sparsity")
-
 
 def _run(cmd: list[str]) -> float:
     t = time.perf_counter()

@@ -274,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         default=0,
         help="also make a synthetic DS3 file of N showers and "
-        "record the conversion's peak RSS per rank at --memory-gb 2 (the issue asks for 50000)",
+        "record the conversion's peak RSS per rank at --memory-gb 2 (the full-size figure uses 50000)",
     )
     p.add_argument("--ds3-file", type=Path, default=None, help="use this DS3 file for the memory figure instead")
     p.add_argument("--codecs", action="store_true", help="also run the codec / chunk-size sweep")

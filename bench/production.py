@@ -43,11 +43,12 @@ def build_run(root: Path) -> Path:
     ):  # fmt: skip
         subprocess.run([PY, *cmd], check=True, capture_output=True)
     code = (
-        "import sys, torch; from pathlib import Path; from hpc_calo.geometry import DS2; "
-        "from hpc_calo.models import FlowModel; torch.manual_seed(0); run = Path(sys.argv[1])\n"
+        "import sys, torch; from hpc_calo import rundir; from hpc_calo.geometry import DS2; "
+        "from hpc_calo.models import FlowModel; torch.manual_seed(0)\n"
         "for k in (2, 3):\n"
-        "    (run / f'flow{k}_student').mkdir()\n"
-        "    FlowModel.from_preset(k, DS2, 'tiny', student=True).save(run / f'flow{k}_student' / 'best.pt')\n"
+        "    path = rundir.weights(sys.argv[1], k, student=True)\n"
+        "    path.parent.mkdir()\n"
+        "    FlowModel.from_preset(k, DS2, 'tiny', student=True).save(path)\n"
     )
     subprocess.run([PY, "-c", code, str(run)], check=True)
     return run

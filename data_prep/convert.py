@@ -18,8 +18,6 @@ Why it is shaped like this:
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import resource
 import shutil
@@ -38,9 +36,11 @@ import zarr
 
 from hpc_calo import __version__
 from hpc_calo.data import store as fmt
+from hpc_calo.digest import file_sha256, fingerprint
 from hpc_calo.errors import UserError, run_cli
 from hpc_calo.geometry import DATASETS, Geometry, get_geometry
 from hpc_calo.io import CaloFile
+from hpc_calo.mpi import plan_on_rank0
 
 CONVERTER_VERSION = f"hpc-calo {__version__} data_prep.convert 1"
 # What the interpreter, numpy, h5py, zarr and MPI take before any data (measured ~200 MB; rounded up).
@@ -176,10 +176,6 @@ def _request(geometry: Geometry, sources: list[Source], val_fraction: float, chu
     }
 
 
-def _fingerprint(request: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
-
-
 def _block_rows(geometry: Geometry, chunk: int, memory_gb: float, block_showers: int | None) -> int:
     row_bytes = 4 * geometry.n_voxels
     # Two blocks live at once (one read, one written by the writer thread), plus a concatenation across a
@@ -206,7 +202,7 @@ def prepare(args: ConvertRequest) -> Plan:
     chunk = args.chunk_showers or fmt.chunk_showers(geometry)
     block_rows = _block_rows(geometry, chunk, args.memory_gb, args.block_showers)
     request = _request(geometry, sources, args.val_fraction, chunk)
-    fingerprint = _fingerprint(request)
+    request_fingerprint = fingerprint(request)
     out: Path = args.out
     offsets = list(np.cumsum([0] + [s.n for s in sources[:-1]]).tolist())
     plan = dict(
@@ -230,7 +226,7 @@ def prepare(args: ConvertRequest) -> Plan:
     elif out.exists():
         if existing is None:
             raise UserError(f"{out}: exists and is not a pair store; choose another --out")
-        if existing.get("request_fingerprint") != fingerprint:
+        if existing.get("request_fingerprint") != request_fingerprint:
             state = "complete" if existing.get("complete") else "incomplete"
             raise UserError(
                 f"{out}: holds a {state} store of a different request (other inputs or options); "
@@ -259,7 +255,7 @@ def prepare(args: ConvertRequest) -> Plan:
         "chunk_showers": chunk,
         "codec": fmt.CODEC,
         "request": request,
-        "request_fingerprint": fingerprint,
+        "request_fingerprint": request_fingerprint,
     }
     fmt.create_store(out, geometry, n_train, n_val, chunk, attrs)
     pending = [(split, k) for split, n in (("train", n_train), ("val", n_val)) for k in range(fmt.n_chunks(n, chunk))]
@@ -390,14 +386,6 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def sha256(path: str, bufsize: int = 8 * 2**20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def finalize(out: Path, plan: Plan, checksums: dict[str, str], timing: dict[str, Any]) -> None:
     """Rank 0, after every rank is done: provenance checksums, then ``complete`` — the last write."""
     root = zarr.open_group(zarr.storage.LocalStore(out), mode="r+")
@@ -503,14 +491,7 @@ def convert(args: ConvertRequest) -> int:
 
 
 def _main(args: ConvertRequest, comm: Any, rank: int, size: int, t0: float) -> int:
-    plan: Plan | None = None
-    err: str | None = None
-    if rank == 0:
-        try:
-            plan = prepare(args)
-        except UserError as e:
-            err = str(e)
-    plan, err = comm.bcast((plan, err), root=0)
+    plan, err = plan_on_rank0(comm, lambda: prepare(args))
     if err is not None:
         return _fail(comm, err)
     assert plan is not None
@@ -552,7 +533,7 @@ def _main(args: ConvertRequest, comm: Any, rank: int, size: int, t0: float) -> i
             bar.close()
 
     # Checksums of the inputs, split across ranks (file i on rank i mod size), streamed in 8 MiB reads.
-    mine = {s.path: sha256(s.path) for i, s in enumerate(plan.sources) if i % size == rank}
+    mine = {s.path: file_sha256(s.path) for i, s in enumerate(plan.sources) if i % size == rank}
     checksums = {k: v for part in comm.allgather(mine) for k, v in part.items()}
     rss_mb = comm.allgather(peak_rss_mb())
     comm.barrier()

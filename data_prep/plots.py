@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from hpc_calo.atomic import atomic_path
+from hpc_calo.evaluate.features import ShowerMoments
 from hpc_calo.geometry import Geometry
 from hpc_calo.io import iter_blocks
 
@@ -26,7 +27,7 @@ class Accumulator:
 
     geometry: Geometry
     n: int = 0
-    voxel_sum: np.ndarray = field(init=False)
+    moments: ShowerMoments = field(init=False)  # the average shower
     layer_frac_sum: np.ndarray = field(init=False)  # (n_ebins, 45)
     layer_frac_n: np.ndarray = field(init=False)
     radial_sum: np.ndarray = field(init=False)  # (n_r,) energy fraction per ring
@@ -35,7 +36,7 @@ class Accumulator:
 
     def __post_init__(self) -> None:
         g = self.geometry
-        self.voxel_sum = np.zeros(g.n_voxels)
+        self.moments = ShowerMoments(g.n_voxels)
         self.layer_frac_sum = np.zeros((len(E_BINS_MEV) - 1, g.n_layers))
         self.layer_frac_n = np.zeros(len(E_BINS_MEV) - 1)
         self.radial_sum = np.zeros(g.n_r)
@@ -46,7 +47,7 @@ class Accumulator:
         g = self.geometry
         s = showers.astype(np.float64)
         self.n += len(e_inc)
-        self.voxel_sum += s.sum(axis=0)
+        self.moments.add(showers)
         e_tot = s.sum(axis=1)
         layer_e = g.layers(s).sum(axis=2)
         frac = layer_e / np.maximum(e_tot, 1e-30)[:, None]
@@ -90,7 +91,7 @@ def plot_file(path: str | os.PathLike[str], out_dir: str | os.PathLike[str], geo
     written: list[Path] = []
 
     # Average shower: one polar image per layer, common log colour scale.
-    mean = g.grid(acc.voxel_sum[None, :] / acc.n)[0]  # (45, n_alpha, n_r)
+    mean = g.grid(acc.moments.mean[None, :])[0]  # (45, n_alpha, n_r)
     positive = mean[mean > 0]
     norm = LogNorm(vmin=max(positive.min(), 1e-4), vmax=positive.max()) if positive.size else None
     fig, axes = plt.subplots(5, 9, figsize=(18, 10.5), subplot_kw={"projection": "polar"})

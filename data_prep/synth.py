@@ -59,8 +59,8 @@ from hpc_calo.geometry import (
     E_INC_MAX_MEV,
     E_INC_MIN_MEV,
     R_MAX_MM,
-    THRESHOLD_MEV,
     Geometry,
+    apply_threshold,
     get_geometry,
 )
 from hpc_calo.io import CaloWriter
@@ -305,7 +305,7 @@ def _deposit(prof: Profiles, rng: np.random.Generator, geometry: Geometry, det: 
     # The primary's MIP signal lands in the innermost ring of layer 0, at a random angle: the electron enters at
     # r = 0, where the angular bin is set by its first multiple-scattering steps.
     out[np.arange(n), 0, rng.integers(0, n_alpha, n) * n_r] += prof.mip
-    out[out < THRESHOLD_MEV] = 0.0
+    apply_threshold(out)
     return out.reshape(n, -1).astype(np.float32)
 
 

@@ -25,14 +25,15 @@ import torch
 from tqdm import tqdm
 
 from hpc_calo import preprocess as pp
+from hpc_calo import rundir
 from hpc_calo.background import write_behind
 from hpc_calo.errors import UserError, run_cli
-from hpc_calo.geometry import E_INC_MAX_MEV, E_INC_MIN_MEV, N_LAYERS, THRESHOLD_MEV, Geometry, get_geometry
+from hpc_calo.flows import fast_sampler
+from hpc_calo.geometry import E_INC_MAX_MEV, E_INC_MIN_MEV, N_LAYERS, Geometry, apply_threshold, get_geometry
 from hpc_calo.io import CaloFile, CaloWriter
 from hpc_calo.models import FlowModel, load_flow_model
 from hpc_calo.precision import PRECISION_HELP, PRECISIONS, add_renormalise_argument, resolve
 from hpc_calo.seeding import DEFAULT_SEED, ROW_BLOCK, log_uniform_energies, row_block_seed
-from hpc_calo.train.checkpoint import read_run
 
 
 class _RowNoise:
@@ -72,7 +73,7 @@ class Chain:
         self.run = run or {}
         self.device = flows[1].device
         self.dtype = flows[1].dtype
-        # z -> x per flow: nflows by default; use_fast_samplers() swaps in hpc_calo.flows.fast.
+        # z -> x per flow: the flow library's own by default; use_fast_samplers() swaps in the fast samplers.
         self.from_latent = {k: f.from_latent for k, f in flows.items()}
 
     def use_fast_samplers(self, compile: bool = False, matmul_dtype: torch.dtype | None = None) -> Chain:
@@ -82,14 +83,8 @@ class Chain:
         spline; ``matmul_dtype=torch.bfloat16`` runs the student GEMMs in bf16 (see BENCHMARKS.md for its cost in
         fidelity).
         """
-        from hpc_calo.flows.fast import FastMAF, FastStudent
-
         for k, f in self.flows.items():
-            if f.student:
-                fast = FastStudent(f.flow, matmul_dtype=matmul_dtype).to(self.device)
-                self.from_latent[k] = fast.compile() if compile else fast
-            else:
-                self.from_latent[k] = FastMAF(f.flow).to(self.device)
+            self.from_latent[k] = fast_sampler(f.flow, matmul_dtype, compile).to(self.device)
         return self
 
     def use_cuda_graphs(self) -> Chain:
@@ -120,11 +115,11 @@ class Chain:
         ``cuda_graphs`` (default: on a CUDA device with ``fast``) replays the fast samplers as CUDA graphs.
         """
         run_dir = Path(run_dir)
-        run = read_run(run_dir)
+        run = rundir.read_run(run_dir)
         geometry = get_geometry(run["dataset"])
         flows: dict[int, FlowModel] = {}
         for k in (1, 2, 3):
-            teacher, student = run_dir / f"flow{k}" / "best.pt", run_dir / f"flow{k}_student" / "best.pt"
+            teacher, student = rundir.weights(run_dir, k), rundir.weights(run_dir, k, student=True)
             use_student = k > 1 and (student.is_file() if students is None else students)
             path = student if use_student else teacher
             if not path.is_file():
@@ -145,7 +140,7 @@ class Chain:
         """Flow-1's 45 layer energies (MeV, thresholded) and flow-2's layer 0 (voxels, MeV)."""
         f1, f2 = self.flows[1], self.flows[2]
         layer_e = pp.decode_flow1(self.from_latent[1](noise.normal(N_LAYERS), f1.context1(e_inc)), e_inc, f1.energies)
-        layer_e = pp.apply_threshold(layer_e, THRESHOLD_MEV)
+        layer_e = apply_threshold(layer_e)
         x = self.from_latent[2](noise.normal(self.geometry.voxels_per_layer), f2.context2(e_inc, layer_e[:, 0]))
         return layer_e, self._voxels(x, layer_e[:, 0])
 
@@ -161,8 +156,12 @@ class Chain:
         return self._voxels(x, layer_e[:, n])
 
     def _voxels(self, x: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
-        layer = pp.apply_threshold(pp.decode_shape(x, energy), THRESHOLD_MEV)
-        return pp.rescale(layer, energy) if self.renormalise else layer
+        if not self.renormalise:
+            return apply_threshold(pp.decode_shape(x, energy))
+        # Shape normalised first, so that the cut only removes energy and the rescaling after it only scales up:
+        # no voxel is pushed back below the threshold.
+        layer = apply_threshold(pp.denormalise(pp.normalise(pp.inverse_logit(x))[0], energy))
+        return pp.rescale(layer, energy)
 
     @torch.no_grad()
     def _sample_rows(self, e_inc: torch.Tensor, noise: _RowNoise) -> torch.Tensor:

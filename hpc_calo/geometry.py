@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 
@@ -19,6 +20,18 @@ THRESHOLD_MEV = 0.5e-3 / 0.033  # = 0.01515... MeV, exactly as the official code
 E_INC_MIN_MEV = 1.0e3
 E_INC_MAX_MEV = 1.0e6
 R_MAX_MM = 41.85
+
+
+def apply_threshold(energies: Any, threshold: float = THRESHOLD_MEV) -> Any:
+    """Zero the energies below the readout threshold (MeV) in place, as the official evaluation does.
+
+    ``energies`` is a numpy array (files) or a torch tensor (generation): one rule for both.
+    """
+    if isinstance(energies, np.ndarray):
+        energies[energies < threshold] = 0.0
+    else:
+        energies.masked_fill_(energies < threshold, 0.0)  # no host sync on a GPU, unlike boolean indexing
+    return energies
 
 
 @dataclass(frozen=True)

@@ -31,11 +31,11 @@ import torch
 from torch import nn
 
 from hpc_calo import preprocess as pp
-from hpc_calo.atomic import atomic_path
 from hpc_calo.errors import UserError
-from hpc_calo.flows.build import FlowSpec, build_iaf, build_maf
+from hpc_calo.flows import FlowSpec, build_iaf, build_maf, from_latent, log_prob
 from hpc_calo.flows.presets import FLOWS, get_preset
 from hpc_calo.geometry import Geometry, get_geometry
+from hpc_calo.torchfile import load_versioned, save_versioned
 
 MODEL_FORMAT = "hpc-calo-flow"
 MODEL_VERSION = 1
@@ -150,7 +150,7 @@ class FlowModel(nn.Module):
 
     def log_prob(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """log p(x | c) per row, in the preprocessed space."""
-        return self.flow.log_prob(x, context=context)
+        return log_prob(self.flow, x, context)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean negative log-likelihood of a raw batch (what the training loop minimises)."""
@@ -159,8 +159,7 @@ class FlowModel(nn.Module):
 
     def from_latent(self, z: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Map base-distribution samples z (B, F) to x (B, F): one pass for a student, F passes for a MAF."""
-        x, _ = self.flow._transform.inverse(z, context=self.flow._embedding_net(context))
-        return x
+        return from_latent(self.flow, z, context)
 
     @torch.no_grad()
     def sample(self, context: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -175,29 +174,8 @@ class FlowModel(nn.Module):
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write ``best.pt``: everything needed to rebuild this model without the run's config (atomic)."""
-        obj = {
-            "format": MODEL_FORMAT,
-            "version": MODEL_VERSION,
-            **self.meta(),
-            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
-        }
-        with atomic_path(path) as tmp:
-            torch.save(obj, tmp)
-
-
-def read_model_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such model file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unpickling failure means a corrupt file
-        raise UserError(f"{path}: not a readable model file (truncated or corrupt): {err}") from None
-    if not isinstance(obj, dict) or obj.get("format") != MODEL_FORMAT:
-        raise UserError(f"{path}: not an hpc-calo flow model file")
-    if obj.get("version") != MODEL_VERSION:
-        raise UserError(f"{path}: model file version {obj.get('version')}, this hpc-calo reads {MODEL_VERSION}")
-    return obj
+        state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        save_versioned(path, MODEL_FORMAT, MODEL_VERSION, {**self.meta(), "state_dict": state})
 
 
 def load_flow_model(
@@ -208,7 +186,9 @@ def load_flow_model(
     flow: int | None = None,
 ) -> FlowModel:
     """Rebuild a FlowModel from ``best.pt``; UserError for a corrupt file or another dataset / flow."""
-    obj = read_model_file(path)
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such model file")
+    obj = load_versioned(path, MODEL_FORMAT, MODEL_VERSION, "flow model file")
     if dataset is not None and obj["dataset"] != dataset:
         raise UserError(f"{path}: model is for {obj['dataset']}, not {dataset}")
     if flow is not None and obj["flow"] != flow:

@@ -144,7 +144,3 @@ def rescale(layer: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
     total = layer.sum(dim=-1, keepdim=True)
     return torch.where(total > 0, layer * (energy.unsqueeze(-1) / total.clamp_min(1e-30)), layer)
 
-
-def apply_threshold(x: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Zero energies below the readout threshold (MeV), as the official evaluation does."""
-    return torch.where(x < threshold, torch.zeros_like(x), x)

@@ -1,18 +1,25 @@
 """The pipeline configuration: every choice of a run, as typed dataclasses.
 
-Precedence: defaults < ``--config FILE`` (TOML or JSON) < command-line flags. The resolved configuration is
-written to ``OUT/config.json`` so a run folder always says how it was made; re-running with the same ``--out``
-resumes that run (every stage skips or resumes the work already done).
+Precedence: defaults < the site file (``$HPC_CALO_CONFIG``, else ``~/.config/hpc-calo/config.toml``: what a site
+always needs, such as the SLURM partition and account) < ``--config FILE`` (TOML or JSON) < command-line flags.
+Some defaults follow from other settings: the preset is the dataset's reference preset, ``--out`` is
+``runs/<dataset>-<preset>``, and without ``--synthetic`` the training and reference files are the official
+CaloChallenge files in the data directory. The resolved configuration is written to ``OUT/config.json`` so a run
+folder always says how it was made; re-running with the same ``--out`` resumes that run (every stage skips or
+resumes the work already done).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import tomllib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from data_prep.download import OFFICIAL, default_data_dir, download_command
 from hpc_calo.atomic import atomic_path
 from hpc_calo.errors import UserError
 from hpc_calo.precision import PRECISIONS
@@ -22,6 +29,7 @@ STAGES = ("prep", "teacher", "student", "sample", "evaluate")
 # What a per-flow training budget may name, and the units a budget may be given in.
 BUDGET_FLOWS = ("flow1", "flow2", "flow3", "flow2_student", "flow3_student")
 BUDGET_UNITS = ("epochs", "steps", "minutes")
+SITE_ENV = "HPC_CALO_CONFIG"
 
 
 @dataclass
@@ -62,6 +70,7 @@ class PipelineConfig:
     data: list[str] = field(default_factory=list)  # CaloChallenge training files (real or synthetic)
     reference: str | None = None  # held-out file: evaluation reference and production energies
     synthetic: int | None = None  # make a synthetic training set of this many showers instead of --data
+    data_dir: str | None = None  # where --data and --reference default to the official file names
     showers: int | None = None  # production size (default: the reference's size)
     preset: str = "tiny"
     seed: int = DEFAULT_SEED
@@ -121,8 +130,6 @@ class PipelineConfig:
         return self.path("data") / "reference.h5"
 
     def validate(self) -> None:
-        if self.dataset not in ("ds2", "ds3"):
-            raise UserError(f"--dataset must be ds2 or ds3, not {self.dataset!r}")
         if bool(self.data) == bool(self.synthetic):
             raise UserError("give exactly one of --data FILES or --synthetic N")
         if self.synthetic is not None and self.synthetic < 100:
@@ -192,17 +199,79 @@ def load_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def resolve(file_values: dict[str, Any], flag_values: dict[str, Any]) -> PipelineConfig:
-    """Defaults, then the file, then the flags that were given (None means not given)."""
-    res = {**file_values.get("resources", {}), **{k: v for k, v in flag_values.pop("resources", {}).items()
-                                                  if v is not None}}
-    top = {k: v for k, v in file_values.items() if k != "resources"}
-    budget = {**top.pop("budget", {}), **(flag_values.pop("budget", None) or {})}
-    top.update({k: v for k, v in flag_values.items() if v is not None})
-    if budget:
-        top["budget"] = budget
-    if "dataset" not in top or "out" not in top:
-        raise UserError("--dataset and --out are required (on the command line or in --config)")
+def site_file() -> Path | None:
+    """The site's defaults: ``$HPC_CALO_CONFIG``, else ``$XDG_CONFIG_HOME`` (``~/.config``)/hpc-calo/config.toml."""
+    if os.environ.get(SITE_ENV):
+        path = Path(os.environ[SITE_ENV]).expanduser()
+        if not path.is_file():
+            raise UserError(f"${SITE_ENV}={path}: no such file")
+        return path
+    path = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "hpc-calo" / "config.toml"
+    return path if path.is_file() else None
+
+
+def _official_files(top: dict[str, Any], src: dict[str, str]) -> None:
+    """Without --synthetic, unset --data / --reference name the official files in the data directory."""
+    if "data_dir" not in top:
+        path, why = default_data_dir()
+        top["data_dir"], src["data_dir"] = str(path), why
+    official, root = OFFICIAL[top["dataset"]], Path(top["data_dir"]).resolve()
+    missing: dict[str, list[str]] = {}
+    for key, which, names in (("data", "train", official.train), ("reference", "reference", official.reference)):
+        if key in top:
+            continue
+        top[key] = [str(root / n) for n in names] if key == "data" else str(root / names[0])
+        src[key] = "default: the official file names in data_dir"
+        absent = [n for n in names if not (root / n).is_file()]
+        if absent:
+            missing[which] = absent
+    if missing:
+        names = [n for files in missing.values() for n in files]
+        which = next(iter(missing)) if len(missing) == 1 else "all"
+        raise UserError(f"missing {', '.join(names)} in {root} (the data directory, from {src['data_dir']}); "
+                        f"download with: {download_command(top['dataset'], root, which)}")
+
+
+def resolve(layers: Sequence[tuple[str, dict[str, Any]]]) -> tuple[PipelineConfig, dict[str, str]]:
+    """Merge named layers of settings, lowest precedence first (None means not given), then fill the defaults
+    that depend on other settings. Returns the configuration and where each setting came from."""
+    top: dict[str, Any] = {}
+    res: dict[str, Any] = {}
+    src: dict[str, str] = {}
+    for name, values in layers:
+        for key, value in values.items():
+            if key == "resources":
+                for rkey, rvalue in value.items():
+                    if rvalue is not None:
+                        res[rkey], src[f"resources.{rkey}"] = rvalue, name
+            elif key == "budget":  # per flow: a flag's budget for one flow keeps the file's for the others
+                for flow, amount in (value or {}).items():
+                    top.setdefault("budget", {})[flow], src[f"budget.{flow}"] = amount, name
+            elif value is not None:
+                top[key], src[key] = value, name
+    if "dataset" not in top:
+        raise UserError("--dataset is required (on the command line or in --config)")
+    if top["dataset"] not in OFFICIAL:
+        raise UserError(f"--dataset must be ds2 or ds3, not {top['dataset']!r}")
+    if "preset" not in top:
+        top["preset"], src["preset"] = top["dataset"], "default: the dataset's reference preset"
+    if "out" not in top:
+        top["out"], src["out"] = f"runs/{top['dataset']}-{top['preset']}", "default: runs/<dataset>-<preset>"
+    if not top.get("synthetic"):
+        _official_files(top, src)
     cfg = PipelineConfig(**top, resources=Resources(**res))
     cfg.validate()
-    return cfg
+    return cfg, src
+
+
+def explain(cfg: PipelineConfig, sources: dict[str, str]) -> str:
+    """Every resolved setting, its value and where it came from (flag, config file, site file, default)."""
+    rows = [(f.name, getattr(cfg, f.name)) for f in fields(cfg) if f.name not in ("resources", "budget")]
+    rows += [(f"budget.{flow}", amount) for flow, amount in cfg.budget.items()] or [("budget", None)]
+    rows += [(f"resources.{f.name}", getattr(cfg.resources, f.name)) for f in fields(cfg.resources)]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{'setting':{width}}  value  [where it came from]"]
+    for name, value in rows:
+        shown = " ".join(map(str, value)) if isinstance(value, list) else ("-" if value is None else str(value))
+        lines.append(f"{name:{width}}  {shown}  [{sources.get(name, 'default')}]")
+    return "\n".join(lines)

@@ -1,10 +1,11 @@
 """Entry point for ``ray job submit``: the pipeline's stages on an existing Ray cluster.
 
-    ray job submit --address http://HEAD:8265 --working-dir . -- \\
-        python -m launch.ray_job --dataset ds3 --stage all --data ... --reference ... --out /shared/run
+    ray job submit --address http://HEAD:8265 --runtime-env launch/runtime_env.yaml -- \\
+        python -m launch.ray_job --dataset ds3 --data-dir /shared/calo --out /shared/runs/ds3-ds3
 
-The driver runs where Ray puts the job; training attaches Ray Train to the cluster and the sampler fans out
-over Ray actors. ``--out`` must be on storage every node sees.
+Run from the repository root: the runtime environment ships the checkout and pip-installs it on every node. The
+driver runs where Ray puts the job; training attaches Ray Train to the cluster and the sampler fans out over Ray
+actors. The data directory and ``--out`` must be on storage every node sees.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 
 from hpc_calo.errors import run_cli
 from launch import stages
-from launch.config import STAGES
+from launch.config import STAGES, explain
 from launch.submit import DESCRIPTION, add_pipeline_arguments, config_from_args
 
 
@@ -28,12 +29,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.set_defaults(sample_backend="ray")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    cfg = config_from_args(args)
+    cfg, sources = config_from_args(args)
     # Inside `ray job submit` Ray sets RAY_ADDRESS; "auto" also finds a head started on this machine.
     address = os.environ.get("RAY_ADDRESS", "auto")
     selected = list(STAGES) if args.stage == "all" else [args.stage]
+    print(f"run folder: {cfg.root}", flush=True)
     if args.dry_run:
-        print(f"would run on the Ray cluster at {address}: {' -> '.join(selected)}; run folder {cfg.root}")
+        print(explain(cfg, sources))
+        print(f"would run on the Ray cluster at {address}: {' -> '.join(selected)}")
         return 0
     cfg.save()
     stages.run_stages(cfg, selected, stages.Where(address=address))

@@ -186,9 +186,9 @@ def _ok(fn: Callable[[Any], int]) -> Callable[[Any], None]:
 
 
 def _flows(cfg: PipelineConfig, flows: tuple[int, ...], student: bool) -> list[Path]:
-    from hpc_calo.train.job import flow_dir_name
+    from hpc_calo import rundir
 
-    return [cfg.path("run") / flow_dir_name(k, student) / "best.pt" for k in flows]
+    return [rundir.weights(cfg.path("run"), k, student) for k in flows]
 
 
 REGISTRY: dict[str, Stage] = {s.name: s for s in (

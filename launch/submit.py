@@ -16,7 +16,15 @@ from hpc_calo.errors import UserError, run_cli
 from hpc_calo.precision import PRECISIONS
 from hpc_calo.seeding import DEFAULT_SEED
 from launch import stages
-from launch.config import STAGES, PipelineConfig, load_file, resolve
+from launch.config import STAGES, PipelineConfig, explain, load_file, resolve, site_file
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default where it has one; the help text says what an unset flag means."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return super()._get_help_string(action) if action.default is not None else action.help or ""
+
 
 DESCRIPTION = (
     "Run the iCaloFlow pipeline: prep (synthetic data, Zarr pair store) -> teacher (flows 1-3) -> "
@@ -26,8 +34,7 @@ DESCRIPTION = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m launch.submit", description=DESCRIPTION,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m launch.submit", description=DESCRIPTION, formatter_class=_Help)
     p.add_argument("--cluster", choices=("local", "slurm"), required=True,
                    help="local: run here, stage after stage; slurm: submit dependent jobs with submitit")
     add_pipeline_arguments(p)
@@ -37,14 +44,23 @@ def build_parser() -> argparse.ArgumentParser:
 def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     """Every pipeline setting as a flag (shared with ``launch.ray_job``); None means not given."""
     p.add_argument("--dataset", choices=("ds2", "ds3"), help="CaloChallenge dataset geometry")
-    p.add_argument("--out", help="run folder (config, data, store, models, production file, report, logs)")
+    p.add_argument("--out", help="run folder (config, data, store, models, production file, report, logs); "
+                                 "default runs/<dataset>-<preset>")
     p.add_argument("--stage", choices=(*STAGES, "all"), default="all", help="run one stage, or all of them")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--data", nargs="+", metavar="FILE", help="CaloChallenge training HDF5 files")
+    src.add_argument("--data", nargs="+", metavar="FILE",
+                     help="CaloChallenge training HDF5 files (default: the official ones in --data-dir: "
+                          "dataset_2_1.hdf5; dataset_3_1.hdf5 and dataset_3_2.hdf5)")
     src.add_argument("--synthetic", type=int, metavar="N", help="make N synthetic training showers instead")
-    p.add_argument("--reference", metavar="REF", help="held-out CaloChallenge file (needed with --data)")
+    p.add_argument("--reference", metavar="REF",
+                   help="held-out CaloChallenge file for the evaluation and the production energies (default: "
+                        "the official one in --data-dir: dataset_2_2.hdf5; for DS3 dataset_3_3.hdf5)")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="folder of the official files, as python -m data_prep.download writes them "
+                        "(default: $HPC_CALO_DATA, else ./data)")
     p.add_argument("--showers", type=int, help="showers to produce (default: as many as the reference)")
-    p.add_argument("--preset", help="model preset: tiny, small, or the reference ds2 / ds3 (default tiny)")
+    p.add_argument("--preset", help="model preset: tiny, small, or the reference ds2 / ds3 (default: the "
+                                    "dataset's reference preset)")
     p.add_argument("--epochs", type=int, help="override the preset's epochs for every flow")
     p.add_argument("--budget", action="append", metavar="FLOW=UNIT:N", type=_budget,
                    help="training budget of one flow, repeatable: FLOW is flow1, flow2, flow3, flow2_student or "
@@ -64,18 +80,23 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-dtype", choices=PRECISIONS, help="production precision (default: --dtype)")
     p.add_argument("--amp", choices=("off", "tf32", "bf16"), help="GPU training mixed precision (default off)")
     p.add_argument("--threads", type=int, help="torch CPU threads per process (default: each command's own)")
-    p.add_argument("--config", metavar="FILE", help="TOML or JSON file with any of these settings")
-    slurm = p.add_argument_group("SLURM resources (per job)")
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML or JSON file with any of these settings ([resources] table for the SLURM ones); "
+                        "it overrides the site file ($HPC_CALO_CONFIG, else ~/.config/hpc-calo/config.toml)")
+    slurm = p.add_argument_group("SLURM resources (per job; a site sets its usual ones in the site file's "
+                                 "[resources] table)")
     slurm.add_argument("--nodes", type=int, help="nodes of the training jobs (Ray spans them)")
-    slurm.add_argument("--gpus-per-node", type=int)
-    slurm.add_argument("--cpus-per-task", type=int)
-    slurm.add_argument("--partition")
-    slurm.add_argument("--account")
-    slurm.add_argument("--qos")
+    slurm.add_argument("--gpus-per-node", type=int, help="GPUs of each training and sampling node (default 0)")
+    slurm.add_argument("--cpus-per-task", type=int, help="CPUs of each task (default 2)")
+    slurm.add_argument("--partition", help="SLURM partition (default: the cluster's default)")
+    slurm.add_argument("--account", help="SLURM account to charge")
+    slurm.add_argument("--qos", help="SLURM quality of service")
     slurm.add_argument("--time", metavar="HH:MM:SS", help="time limit of each job; training requeues past it")
     slurm.add_argument("--signal-delay-s", type=int, help="checkpoint signal this long before the limit")
     slurm.add_argument("--max-requeues", type=int, help="requeues a training job may use (default 20)")
-    p.add_argument("--dry-run", action="store_true", help="print what would run or be submitted, and stop")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print every resolved setting and where it came from, and what would run or be "
+                        "submitted, and stop")
     p.add_argument("--no-wait", action="store_true", help="slurm: submit and return without following")
 
 
@@ -88,32 +109,40 @@ def _budget(text: str) -> tuple[str, dict[str, float]]:
         raise argparse.ArgumentTypeError(f"expected FLOW=UNIT:N (e.g. flow3=minutes:120), not {text!r}") from None
 
 
-def config_from_args(args: argparse.Namespace) -> PipelineConfig:
-    file_values: dict[str, Any] = load_file(args.config) if args.config else {}
+def config_from_args(args: argparse.Namespace) -> tuple[PipelineConfig, dict[str, str]]:
+    """The configuration, and where each setting came from: defaults < site file < --config < flags."""
+    layers: list[tuple[str, dict[str, Any]]] = []
+    site = site_file()
+    if site:
+        layers.append((f"site file {site}", load_file(site)))
+    if args.config:
+        layers.append((f"config file {args.config}", load_file(args.config)))
     flags: dict[str, Any] = {
-        k: getattr(args, k) for k in ("dataset", "out", "data", "synthetic", "reference", "showers", "preset",
-                                      "epochs", "eval_epochs", "workers", "prep_ranks", "sample_backend",
-                                      "sample_workers", "seed", "device", "dtype", "sample_dtype", "amp",
-                                      "threads")
+        k: getattr(args, k) for k in ("dataset", "out", "data", "synthetic", "reference", "data_dir", "showers",
+                                      "preset", "epochs", "eval_epochs", "workers", "prep_ranks", "sample_backend",
+                                      "sample_workers", "seed", "device", "dtype", "sample_dtype", "amp", "threads")
     }
     flags["budget"] = dict(args.budget) if args.budget else None
     flags["resources"] = {k: getattr(args, k) for k in ("nodes", "gpus_per_node", "cpus_per_task", "partition",
                                                          "account", "qos", "time", "signal_delay_s",
                                                          "max_requeues")}
-    return resolve(file_values, flags)
+    layers.append(("flag", flags))
+    return resolve(layers)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    cfg = config_from_args(args)
+    cfg, sources = config_from_args(args)
     selected = list(STAGES) if args.stage == "all" else [args.stage]
+    if args.dry_run:
+        print(explain(cfg, sources))
+    print(f"run folder: {cfg.root}", flush=True)
     if args.cluster == "slurm":
         from launch import slurm
 
         if args.dry_run:
             print(slurm.describe(cfg, slurm.plan(cfg, selected)))
-            print(f"run folder: {cfg.root}")
             return 0
         if shutil.which("sbatch") is None:
             raise UserError("--cluster slurm needs sbatch on PATH (see slurm/README.md for a local cluster)")
@@ -126,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError(msg)
     else:
         if args.dry_run:
-            print(f"would run on this machine: {' -> '.join(selected)}; run folder {cfg.root}")
+            print(f"would run on this machine: {' -> '.join(selected)}")
             return 0
         cfg.save()
         stages.run_stages(cfg, selected)

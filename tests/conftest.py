@@ -50,6 +50,7 @@ def tiny_run(synthetic: Callable[..., Path], tmp_path_factory: pytest.TempPathFa
     import torch
 
     from data_prep.convert import main as convert
+    from hpc_calo import rundir
     from hpc_calo.geometry import DS2
     from hpc_calo.models import FlowModel
     from hpc_calo.train.__main__ import main as train
@@ -63,6 +64,7 @@ def tiny_run(synthetic: Callable[..., Path], tmp_path_factory: pytest.TempPathFa
     with torch.random.fork_rng():
         torch.manual_seed(0)
         for flow in (2, 3):
-            (run / f"flow{flow}_student").mkdir()
-            FlowModel.from_preset(flow, DS2, "tiny", student=True).save(run / f"flow{flow}_student" / "best.pt")
+            path = rundir.weights(run, flow, student=True)
+            path.parent.mkdir()
+            FlowModel.from_preset(flow, DS2, "tiny", student=True).save(path)
     return run

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpc_calo.distill import DistillModel, PDDConfig, one_pass, pass_loss
+from hpc_calo import rundir
+from hpc_calo.distill import DistillModel, PDDConfig, pass_loss
 from hpc_calo.errors import UserError
-from hpc_calo.flows.build import FlowSpec, build_iaf, build_maf
+from hpc_calo.flows import FlowSpec, build_iaf, build_maf, one_pass
 from hpc_calo.geometry import Geometry
 from hpc_calo.models import FlowModel, load_flow_model
 from hpc_calo.train.config import TrainConfig
@@ -169,15 +170,15 @@ def test_distillation_runs_in_the_training_loop(tmp_path: Path) -> None:
     train, val = [raw_batch(64, g) for _ in range(6)], [raw_batch(200, g)]
     cfg = TrainConfig(epochs=3, batch_size=64, max_lr=3e-3, log_every=2, dtype="float64")
     model = DistillModel(teacher, student)
-    out = tmp_path / "flow2_student"
+    out = rundir.flow_dir(tmp_path, 2, student=True)
     summary = fit(model, train, val, cfg, out)
     assert summary["global_step"] == 18 and summary["skipped_steps"] == 0
-    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [json.loads(line) for line in rundir.metrics_in(out).read_text().splitlines()]
     vals = [r["val_loss"] for r in epochs if r.get("event") == "epoch"]
     assert len(vals) == 3 and min(vals) == summary["best_val"]  # the validation loss is the KL estimate
-    best = load_flow_model(out / "best.pt", dtype=torch.float64, flow=2)
+    best = load_flow_model(rundir.weights_in(out), dtype=torch.float64, flow=2)
     assert best.student
-    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    ck = torch.load(rundir.checkpoint_in(out), weights_only=False)
     assert all(k.startswith("student.") for k in ck["model"]) and ck["meta"]["kind"] == "distill"
 
 
@@ -188,8 +189,8 @@ def test_distill_cli_writes_a_student_the_chain_uses(tiny_run: Path, tmp_path: P
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     assert main(["--run", str(run), "--flow", "2", "--epochs", "1", "--log-every", "1000"]) == 0
-    assert (run / "flow2_student" / "best.pt").is_file()
-    quality = json.loads((run / "flow2_student" / "diagnostics.json").read_text())
+    assert rundir.weights(run, 2, student=True).is_file()
+    quality = json.loads(rundir.diagnostics_in(rundir.flow_dir(run, 2, student=True)).read_text())
     assert quality["samples"] > 0 and 0.0 <= quality["student_vs_teacher_auc"] <= 1.0
     assert quality["teacher_loglik_teacher_samples"] is not None
     # Re-running resumes the finished distillation (its checkpoint is a distillation's, not a bare flow's).
@@ -199,6 +200,6 @@ def test_distill_cli_writes_a_student_the_chain_uses(tiny_run: Path, tmp_path: P
     a = chain.sample([5e3, 5e4, 5e5], seed=1)
     b = Chain.load(run).sample([5e3, 5e4, 5e5], seed=1)  # the default: the fast student sampler
     assert a.shape == (3, chain.geometry.n_voxels) and abs(a - b).max() < 1e-2 * max(1.0, abs(a).max())
-    (run / "flow3" / "best.pt").unlink()
+    rundir.weights(run, 3).unlink()
     with pytest.raises(UserError, match="no trained flow-3 teacher"):
         main(["--run", str(run), "--flow", "3", "--epochs", "1"])

@@ -26,11 +26,12 @@ import torch
 from torch import nn
 
 from data_prep.convert import main as convert
+from hpc_calo import rundir
 from hpc_calo.train.__main__ import parse_request
 from hpc_calo.train.checkpoint import load_checkpoint
-from hpc_calo.train.distributed import HOLD_ENV, WORKERS_DIR, RayConfig, run_ray
+from hpc_calo.train.distributed import RayConfig, run_ray
 from hpc_calo.train.job import build_job
-from hpc_calo.train.loop import CHECKPOINT, _derived_seed, fit
+from hpc_calo.train.loop import _derived_seed, fit
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -152,7 +153,7 @@ def _reference_step(job: Any, out: Path, halves: tuple[int, ...] | None = None) 
     assert all(ld.mode == "stream" for ld in loaders)
     model = _SameNoise(job.make_model(), job.cfg.seed, 2, halves)
     fit(model, _UnionLoader(loaders), None, job.cfg, out)
-    ck = load_checkpoint(out / CHECKPOINT)
+    ck = load_checkpoint(rundir.checkpoint_in(out))
     return {"model": {k.removeprefix("model."): v for k, v in ck["model"].items()}, "opt": ck["optimizer"]}
 
 
@@ -160,7 +161,7 @@ def test_two_workers_one_step_equals_one_worker_on_the_union_batch(one_step, tmp
     """Weights and Adam's first moment (= 0.1 x the gradient, clipping off) after one step match."""
     job, summary = one_step
     assert summary["global_step"] == 1 and summary["stopped"] and summary["world_size"] == 2
-    ray_ck = load_checkpoint(job.out_dir / CHECKPOINT)
+    ray_ck = load_checkpoint(rundir.checkpoint_in(job.out_dir))
     assert ray_ck["global_step"] == 1 and ray_ck["world_size"] == 2
     ref = _reference_step(job, tmp_path / "ref")
 
@@ -195,12 +196,12 @@ def test_distillation_two_workers_one_step_equals_one_worker_on_the_union_batch(
     run = tmp_path / "run"
     teacher = job_for(store, run, 3)
     teacher.prepare()  # run.json
-    teacher.make_model().save(teacher.out_dir / "best.pt")
+    teacher.make_model().save(rundir.weights_in(teacher.out_dir))
     argv = ["--run", str(run), "--flow", "3", "--seed", str(SEED), "--log-every", "1000", *STEP_ARGS]
     job = build_distill(parse_distill(argv))
     summary = run_ray(job, RayConfig(workers=2, memory_gb_per_worker=STEP_MEMORY_GB))
     assert summary["global_step"] == 1 and summary["world_size"] == 2
-    ray_ck = load_checkpoint(job.out_dir / CHECKPOINT)
+    ray_ck = load_checkpoint(rundir.checkpoint_in(job.out_dir))
     assert all(k.startswith("student.") for k in ray_ck["model"])
     ref = _reference_step(job, tmp_path / "ref")
 
@@ -216,7 +217,7 @@ def test_distillation_two_workers_one_step_equals_one_worker_on_the_union_batch(
 
 def test_worker_shards_are_disjoint_cover_the_training_set_and_step_equally(one_step, store: Path) -> None:
     job, _ = one_step
-    recs = [json.loads((job.out_dir / WORKERS_DIR / f"rank{r}.json").read_text()) for r in range(2)]
+    recs = [json.loads(rundir.worker_record(job.out_dir, r).read_text()) for r in range(2)]
     assert [r["rank"] for r in recs] == [0, 1]
     assert len({r["pid"] for r in recs}) == 2  # two processes
     assert recs[0]["steps_per_epoch"] == recs[1]["steps_per_epoch"] > 0
@@ -256,11 +257,11 @@ def uninterrupted(cluster: str, store: Path, tmp_path_factory: pytest.TempPathFa
     job = job_for(store, tmp_path_factory.mktemp("whole") / "run", 1, *RUN_ARGS)
     summary = run_ray(job, RayConfig(workers=2))
     assert summary["global_step"] == TOTAL and not summary["stopped"]
-    return weights(job.out_dir / CHECKPOINT)
+    return weights(rundir.checkpoint_in(job.out_dir))
 
 
 class _Killer(threading.Thread):
-    """Waits for a worker held by HPC_CALO_HOLD_AT_STEP to publish its pid, then SIGKILLs that process."""
+    """Waits for a worker held by the step hook of ``_HELD_CLI`` to publish its pid, then SIGKILLs that process."""
 
     def __init__(self, pid_file: Path, timeout: float = 240.0) -> None:
         super().__init__(daemon=True)
@@ -279,11 +280,49 @@ class _Killer(threading.Thread):
             time.sleep(0.1)
 
 
+# The training command line (its parser, job and Ray path, its one-line errors) with a fault injected through
+# RayConfig's public step hook: rank RANK stops before global step STEP (once per FOLDER), publishes its pid in
+# FOLDER and waits to be killed. A new driver process each run, as a user's re-run would be; the hook is
+# defined in the script, so Ray ships it to the workers by value. argv: RANK:STEP:FOLDER, then the flags.
+_HELD_CLI = """
+import dataclasses, json, os, sys, time
+from pathlib import Path
+from hpc_calo.errors import run_cli
+from hpc_calo.train.__main__ import parse_request
+from hpc_calo.train.distributed import run_ray
+from hpc_calo.train.job import build_job
+
+class Hold:
+    def __init__(self, rank, step, folder):
+        self.rank, self.step, self.folder = rank, step, Path(folder)
+
+    def __call__(self, rank, step):
+        marker = self.folder / f"hold-rank{self.rank}-step{self.step}.done"
+        if (rank, step) != (self.rank, self.step) or marker.exists():
+            return
+        marker.touch()  # once: the restarted worker group must run through
+        tmp = self.folder / f".hold-rank{rank}.pid.tmp"
+        tmp.write_text(f"{os.getpid()}\\n")
+        tmp.replace(self.folder / f"hold-rank{rank}.pid")
+        time.sleep(300)
+        raise RuntimeError(f"rank {rank} was not killed")
+
+def main(argv):
+    rank, step, folder = argv[0].split(":", 2)
+    req = parse_request(argv[1:])
+    hook = Hold(int(rank), int(step), folder)
+    print(json.dumps(run_ray(build_job(req), dataclasses.replace(req.ray, step_hook=hook))))
+
+run_cli(main, sys.argv[1:])
+"""
+
+
 def _cli(argv: list[str], env: dict[str, str], hold: tuple[int, int], killer_file: Path) -> tuple[int, str, str, int]:
-    """Run the training CLI with rank ``hold[0]`` held before step ``hold[1]`` and killed from here."""
+    """Run the training command with rank ``hold[0]`` held before step ``hold[1]`` and killed from here."""
     killer = _Killer(killer_file)
-    proc = subprocess.run([sys.executable, "-m", "hpc_calo.train", *argv], capture_output=True, text=True,
-                          env={**env, HOLD_ENV: f"{hold[0]}:{hold[1]}"}, timeout=400)
+    held = f"{hold[0]}:{hold[1]}:{killer_file.parent}"
+    proc = subprocess.run([sys.executable, "-c", _HELD_CLI, held, *argv], capture_output=True, text=True,
+                          env=env, timeout=400)
     killer.join(1)
     assert killer.killed is not None, f"the held worker was never killed:\n{proc.stderr[-3000:]}"
     return proc.returncode, proc.stdout, proc.stderr, killer.killed
@@ -301,7 +340,7 @@ def test_worker_killed_without_retries_fails_clearly_then_resumes_and_survives_a
        and finishes. The final weights equal those of the uninterrupted run, bit for bit.
     """
     out = tmp_path / "run"
-    workers = out / "flow1" / WORKERS_DIR
+    workers = rundir.worker_record(rundir.flow_dir(out, 1), 0).parent
     argv = train_args(store, out, 1, *RUN_ARGS, "--workers", "2", "--address", cluster, "--run-name", "cli-run")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
 
@@ -310,7 +349,7 @@ def test_worker_killed_without_retries_fails_clearly_then_resumes_and_survives_a
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "distributed training failed" in last and "resume" in last, last
     assert '"global_step"' not in stdout  # no summary: the run did not finish
-    ck = load_checkpoint(out / "flow1" / CHECKPOINT)  # intact: it loads, at the last saved step
+    ck = load_checkpoint(rundir.checkpoint_in(rundir.flow_dir(out, 1)))  # intact: it loads, at the last saved step
     assert (ck["global_step"], ck["epoch"], ck["step_in_epoch"]) == (20, 1, 20 - STEPS_PER_EPOCH)
 
     code, stdout, stderr, killed = _cli([*argv, "--max-failures", "1"], env, (0, 43), workers / "hold-rank0.pid")
@@ -318,10 +357,10 @@ def test_worker_killed_without_retries_fails_clearly_then_resumes_and_survives_a
     assert f"resuming at epoch 2 step 20/{TOTAL}" in stderr  # the re-run
     assert f"resuming at epoch 3 step 40/{TOTAL}" in stderr  # the restarted worker group
     assert json.loads(stdout.strip().splitlines()[-1])["global_step"] == TOTAL
-    assert_same_weights(weights(out / "flow1" / CHECKPOINT), uninterrupted)
-    pids = {json.loads((workers / f"rank{r}.json").read_text())["pid"] for r in range(2)}
+    assert_same_weights(weights(rundir.checkpoint_in(rundir.flow_dir(out, 1))), uninterrupted)
+    pids = {json.loads(rundir.worker_record(rundir.flow_dir(out, 1), r).read_text())["pid"] for r in range(2)}
     assert killed not in pids  # the finishing group is new processes
-    assert (out / "ray" / "cli-run").is_dir()  # Ray's run record under the chosen name
+    assert (rundir.ray_dir(out) / "cli-run").is_dir()  # Ray's run record under the chosen name
 
 
 def test_indivisible_global_batch_is_refused_before_starting_workers(store: Path, tmp_path: Path) -> None:

@@ -26,7 +26,8 @@ def test_features_of_a_hand_built_shower() -> None:
     # Layer 10: one voxel only: centre at that voxel, width 0.
     grid[0, 10, 4, 2] = 2.0
     path_e = np.array([1000.0])
-    from hpc_calo.evaluate.features import apply_threshold, block_features
+    from hpc_calo.evaluate.features import block_features
+    from hpc_calo.geometry import apply_threshold
 
     f = block_features(apply_threshold(shower.copy()), geo)
     r_mid = (np.arange(9) + 0.5) * 4.65
@@ -95,7 +96,7 @@ def _official_separation_power(a: np.ndarray, b: np.ndarray, bins: np.ndarray) -
 
 
 def test_blockwise_features_and_separation_powers_match_the_official_definitions(synthetic) -> None:
-    """Deliverable 3: block-wise vectorised results equal a loop transcription of the official code."""
+    """Block-wise vectorised results equal a loop transcription of the official code."""
     gen_path, ref_path = synthetic("ds2", 40, seed=3), synthetic("ds2", 40, seed=4)
     feats = {}
     raw = {}

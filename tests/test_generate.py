@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from hpc_calo import rundir
 from hpc_calo.errors import UserError, run_cli
 from hpc_calo.flows.build import FlowSpec
 from hpc_calo.flows.presets import get_preset
@@ -31,18 +31,27 @@ def micro(flow: int, student: bool = False) -> FlowModel:
     return FlowModel(flow, DS2, spec, student=student, preset="tiny")
 
 
+def save(model: FlowModel, run: Path, k: int, student: bool = False) -> None:
+    path = rundir.weights(run, k, student)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(path)
+
+
+def copy_flow(src: Path, dst: Path, k: int) -> None:
+    path = rundir.weights(dst, k)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(rundir.weights(src, k).read_bytes())
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run folder with (untrained) flows: the chain's mechanics do not depend on the weights."""
     run = tmp_path_factory.mktemp("gen") / "run"
     for k in (1, 2, 3):
-        (run / f"flow{k}").mkdir(parents=True)
-        micro(k).save(run / f"flow{k}" / "best.pt")
+        save(micro(k), run, k)
     for k in (2, 3):  # one-pass students keep the determinism test fast; the CLI test runs the teachers
-        (run / f"flow{k}_student").mkdir(parents=True)
-        micro(k, student=True).save(run / f"flow{k}_student" / "best.pt")
-    (run / "run.json").write_text(json.dumps({"format": "hpc-calo-run", "dataset": "ds2", "preset": "tiny",
-                                              "energy_range": [1e3, 1e6]}))
+        save(micro(k, student=True), run, k, student=True)
+    rundir.write_run(run, {"dataset": "ds2", "preset": "tiny", "energy_range": [1e3, 1e6]})
     return run
 
 
@@ -108,13 +117,11 @@ def test_bf16_precision_stays_close_to_float32(run_dir: Path, tmp_path: Path) ->
 def test_students_are_used_where_present(run_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     for k in (1, 2, 3):
-        (run / f"flow{k}").mkdir(parents=True)
-        (run / f"flow{k}" / "best.pt").write_bytes((run_dir / f"flow{k}" / "best.pt").read_bytes())
-    (run / "run.json").write_text((run_dir / "run.json").read_text())
+        copy_flow(run_dir, run, k)
+    rundir.write_run(run, rundir.read_run(run_dir))
     with pytest.raises(UserError, match="flow2_student"):
         Chain.load(run, students=True)
-    (run / "flow2_student").mkdir()
-    micro(2, student=True).save(run / "flow2_student" / "best.pt")
+    save(micro(2, student=True), run, 2, student=True)
     assert Chain.load(run).students == {1: False, 2: True, 3: False}
     assert Chain.load(run, students=False).students == {1: False, 2: False, 3: False}
 
@@ -130,12 +137,11 @@ def test_cli_errors(run_dir: Path, synthetic: Callable[..., Path], tmp_path: Pat
 
     refused(["--run", str(tmp_path / "nope"), "--showers", "3"], "not a run folder")
     incomplete = tmp_path / "incomplete"
-    (incomplete / "flow1").mkdir(parents=True)
-    (incomplete / "run.json").write_text((run_dir / "run.json").read_text())
-    (incomplete / "flow1" / "best.pt").write_bytes((run_dir / "flow1" / "best.pt").read_bytes())
+    copy_flow(run_dir, incomplete, 1)
+    rundir.write_run(incomplete, rundir.read_run(run_dir))
     refused(["--run", str(incomplete), "--showers", "3"], "flow2/best.pt is missing")
     refused(["--run", str(run_dir), "--showers", "2000", "--energies", str(synthetic("ds2", 1500))], "fewer than")
     refused(["--run", str(run_dir)], "--showers")
-    (incomplete / "flow2").mkdir()
-    (incomplete / "flow2" / "best.pt").write_bytes(b"junk")
+    rundir.flow_dir(incomplete, 2).mkdir()
+    rundir.weights(incomplete, 2).write_bytes(b"junk")
     refused(["--run", str(incomplete), "--showers", "3"], "corrupt")

@@ -3,22 +3,27 @@ cluster (submitted, requeued, failed) and through ``ray job submit`` on a local 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from hpc_calo import rundir
 from hpc_calo.errors import UserError
 from hpc_calo.io import check_file
 from launch.config import load_file, resolve
 
 PY = sys.executable
+REPO = Path(__file__).resolve().parents[1]
 # Small enough for CI, large enough that every stage does real work.
 TINY = ["--dataset", "ds2", "--synthetic", "400", "--showers", "200", "--preset", "tiny", "--epochs", "1",
         "--eval-epochs", "2", "--prep-ranks", "2", "--sample-workers", "2"]
@@ -40,13 +45,24 @@ def assert_pipeline_outputs(out: Path, n: int = 200) -> None:
 
 def test_config_precedence_file_then_flags(tmp_path: Path) -> None:
     cfg_file = tmp_path / "run.toml"
-    cfg_file.write_text('preset = "small"\nepochs = 3\n[resources]\ntime = "00:10:00"\npartition = "gpu"\n')
-    values = load_file(cfg_file)
-    cfg = resolve(values, {"dataset": "ds2", "out": str(tmp_path / "o"), "synthetic": 500, "epochs": 1,
-                           "preset": None, "resources": {"time": None, "nodes": 2}})
-    assert (cfg.preset, cfg.epochs, cfg.synthetic) == ("small", 1, 500)
+    cfg_file.write_text('preset = "small"\nepochs = 3\n[budget.flow1]\nepochs = 300\n[resources]\ntime = "00:10:00"\n'
+                        'partition = "gpu"\n')
+    site = tmp_path / "site.toml"
+    site.write_text('seed = 7\nepochs = 9\n[resources]\npartition = "cpu"\naccount = "proj"\n')
+    cfg, sources = resolve([
+        ("site file", load_file(site)),
+        ("config file", load_file(cfg_file)),
+        ("flag", {"dataset": "ds2", "out": str(tmp_path / "o"), "synthetic": 500, "epochs": 1, "preset": None,
+                  "budget": {"flow3": {"minutes": 120}}, "resources": {"time": None, "nodes": 2}}),
+    ])
+    assert cfg.budget == {"flow1": {"epochs": 300}, "flow3": {"minutes": 120}}  # per flow: both kept
+    assert (sources["budget.flow1"], sources["budget.flow3"]) == ("config file", "flag")
+    assert (cfg.preset, cfg.epochs, cfg.synthetic, cfg.seed) == ("small", 1, 500, 7)
     assert (cfg.resources.time, cfg.resources.partition, cfg.resources.nodes) == ("00:10:00", "gpu", 2)
-    assert cfg.resources.minutes() == 10
+    assert cfg.resources.account == "proj" and cfg.resources.minutes() == 10
+    assert (sources["preset"], sources["epochs"], sources["seed"], sources["resources.account"]) == (
+        "config file", "flag", "site file", "site file")
+    assert "val_fraction" not in sources  # a plain default
 
 
 @pytest.mark.parametrize(
@@ -64,7 +80,8 @@ def test_config_errors(tmp_path: Path, text: str, flags: dict, message: str) -> 
     cfg_file = tmp_path / "c.toml"
     cfg_file.write_text(text)
     with pytest.raises(UserError, match=message):
-        resolve(load_file(cfg_file), {"dataset": "ds2", "out": str(tmp_path / "o"), **flags, "resources": {}})
+        resolve([("config file", load_file(cfg_file)),
+                 ("flag", {"dataset": "ds2", "out": str(tmp_path / "o"), **flags, "resources": {}})])
 
 
 def test_dry_run_prints_plan_and_writes_nothing(tmp_path: Path) -> None:
@@ -83,6 +100,43 @@ def test_bad_request_is_one_line(tmp_path: Path) -> None:
                "--reference", "/nope.h5")
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["error: /nope.h5: no such file"]
+
+
+def test_the_bare_slurm_command_takes_the_official_files_and_the_site_resources(
+    synthetic: Callable[..., Path], tmp_path: Path
+) -> None:
+    """`python -m launch.submit --cluster slurm --dataset ds3`, as a user types it on a configured site."""
+    data, site = tmp_path / "calo", tmp_path / "site.toml"
+    data.mkdir()
+    names = ("dataset_3_1.hdf5", "dataset_3_2.hdf5", "dataset_3_3.hdf5")
+    for name in names:  # small synthetic stand-ins under the official names
+        shutil.copy(synthetic("ds3", 100), data / name)
+    site.write_text('[resources]\npartition = "gpu"\naccount = "calo"\nqos = "normal"\ngpus_per_node = 4\n'
+                    'time = "24:00:00"\n')
+    env = {**os.environ, "HPC_CALO_DATA": str(data), "HPC_CALO_CONFIG": str(site), "PYTHONPATH": str(REPO)}
+    card = [PY, "-m", "launch.submit", "--cluster", "slurm", "--dataset", "ds3", "--dry-run"]
+    r = subprocess.run(card, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    settings = {line.split()[0]: line for line in r.stdout.splitlines() if line.strip()}
+    assert settings["preset"].split()[1] == "ds3" and "reference preset" in settings["preset"]
+    assert settings["data"].split()[1:3] == [str(data / names[0]), str(data / names[1])]
+    assert settings["reference"].split()[1] == str(data / names[2])
+    assert f"{data}  [$HPC_CALO_DATA]" in settings["data_dir"]
+    for key, value in (("partition", "gpu"), ("account", "calo"), ("qos", "normal"), ("gpus_per_node", "4"),
+                       ("time", "24:00:00")):
+        assert settings[f"resources.{key}"].endswith(f" {value}  [site file {site}]")
+    assert f"run folder: {tmp_path / 'runs' / 'ds3-ds3'}" in r.stdout
+    for stage in ("prep", "teacher", "student", "sample", "evaluate"):
+        assert "24:00:00" in settings[stage]
+    assert not (tmp_path / "runs").exists()
+    # Without the files: one line naming them and the command that downloads them.
+    empty = tmp_path / "empty"
+    r = subprocess.run(card, capture_output=True, text=True, env={**env, "HPC_CALO_DATA": str(empty)},
+                       cwd=tmp_path, timeout=300)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"error: missing {', '.join(names)} in {empty} (the data directory, from $HPC_CALO_DATA); "
+        f"download with: python -m data_prep.download --dataset ds3 --out {empty}"]
 
 
 @pytest.mark.integration
@@ -200,7 +254,7 @@ def test_slurm_training_requeues_on_the_checkpoint_signal_and_resumes(slurm: Non
     assert states[-1] == "COMPLETED" and "REQUEUED" in states, (states, log_text()[-3000:])
     assert "resuming at epoch" in log_text()
     for flow in (1, 2, 3):
-        assert (out / "run" / f"flow{flow}" / "best.pt").is_file()
+        assert rundir.weights(out / "run", flow).is_file()
 
 
 # --- Ray job submission ---------------------------------------------------------------------------------
@@ -211,14 +265,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.integration
-def test_ray_job_submit_against_local_head(tmp_path: Path) -> None:
+def _ray_head(env: dict[str, str]) -> tuple[str, int, str]:
+    """Start a local Ray head; return the ray CLI, its dashboard port and its temp dir."""
     ray = str(Path(PY).parent / "ray")
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     port, dash = _free_port(), _free_port()
     temp = f"/tmp/rj{os.getpid()}"
     subprocess.run([ray, "start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=2",
                     f"--temp-dir={temp}", "--disable-usage-stats"], check=True, env=env, capture_output=True)
+    return ray, dash, temp
+
+
+def _stop_head(temp: str) -> None:
+    """Stop the head started with ``temp``, and only it (``ray stop`` would stop every Ray on the machine);
+    its workers exit with their raylet."""
+    pids = subprocess.run(["pgrep", "-f", temp], capture_output=True, text=True).stdout.split()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), sig)
+        time.sleep(3)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.integration
+def test_ray_job_submit_against_local_head(tmp_path: Path) -> None:
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    ray, dash, temp = _ray_head(env)
     try:
         out = tmp_path / "rayjob"
         r = subprocess.run(
@@ -230,8 +302,7 @@ def test_ray_job_submit_against_local_head(tmp_path: Path) -> None:
         assert "succeeded" in r.stdout.lower()
         assert_pipeline_outputs(out)
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True)
-        shutil.rmtree(temp, ignore_errors=True)
+        _stop_head(temp)
 
 
 # --- the stage registry ----------------------------------------------------------------------------------------
@@ -266,8 +337,8 @@ def test_every_setting_reaches_every_stage_that_uses_it(tmp_path: Path) -> None:
     from launch import stages
 
     flags = {setting: value for setting, (_, value, _) in USES.items()}
-    cfg = resolve({}, {"dataset": "ds2", "out": str(tmp_path / "o"), "synthetic": 500, "showers": 100, **flags,
-                       "resources": {}})
+    cfg = resolve([("flag", {"dataset": "ds2", "out": str(tmp_path / "o"), "synthetic": 500, "showers": 100,
+                             **flags, "resources": {}})])[0]
     for name, stage in stages.REGISTRY.items():
         steps = stage.steps(cfg, stages.Where())
         assert steps, name
@@ -287,8 +358,8 @@ def test_every_setting_reaches_every_stage_that_uses_it(tmp_path: Path) -> None:
     (mpi_sample,) = stages.REGISTRY["sample"].steps(cfg, stages.Where(mpi=True))
     assert mpi_sample.request.launch.backend == "mpi" and mpi_sample.request.request.device == "cuda"
     # A flow's own budget wins over the pipeline's epochs, for that flow only.
-    budgeted = resolve({}, {"dataset": "ds2", "out": str(tmp_path / "o"), "synthetic": 500, "epochs": 2,
-                            "budget": {"flow3_student": {"steps": 9}}, "resources": {}})
+    budgeted = resolve([("flag", {"dataset": "ds2", "out": str(tmp_path / "o"), "synthetic": 500, "epochs": 2,
+                                  "budget": {"flow3_student": {"steps": 9}}, "resources": {}})])[0]
     students = [s.request.options for s in stages.REGISTRY["student"].steps(budgeted, stages.Where())]
     assert [(o.epochs, o.steps) for o in students] == [(2, None), (None, 9)]
 
@@ -297,15 +368,42 @@ def test_device_defaults_and_gpus_only_for_stages_that_use_them(tmp_path: Path) 
     from launch import slurm, stages
 
     base = {"dataset": "ds2", "out": str(tmp_path / "o"), "synthetic": 500, "showers": 100}
-    cpu = resolve({}, {**base, "resources": {}})
+    cpu = resolve([("flag", {**base, "resources": {}})])[0]
     assert cpu.compute_device == "cpu" and cpu.seed == 0  # one default seed, every command's
-    gpu = resolve({}, {**base, "resources": {"gpus_per_node": 4}})
+    gpu = resolve([("flag", {**base, "resources": {"gpus_per_node": 4}})])[0]
     assert gpu.compute_device == "cuda"
     (evaluate,) = stages.REGISTRY["evaluate"].steps(gpu, stages.Where())
     assert evaluate.request.device == "cuda"
     planned = {p.stage: p.gpus for p in slurm.plan(gpu, list(stages.REGISTRY))}
     assert planned == {"prep": 0, "teacher": 4, "student": 4, "sample": 4, "evaluate": 4}
-    on_cpu = resolve({}, {**base, "device": "cpu", "resources": {"gpus_per_node": 4}})
+    on_cpu = resolve([("flag", {**base, "device": "cpu", "resources": {"gpus_per_node": 4}})])[0]
     assert {p.gpus for p in slurm.plan(on_cpu, list(stages.REGISTRY))} == {0}
     with pytest.raises(UserError, match="--amp bf16 needs"):
-        resolve({}, {**base, "amp": "bf16", "resources": {}})
+        resolve([("flag", {**base, "amp": "bf16", "resources": {}})])[0]
+
+
+@pytest.mark.integration
+def test_ray_job_submit_with_the_shipped_runtime_env(tmp_path: Path) -> None:
+    """The README's command: launch/runtime_env.yaml ships the checkout and pip-installs it into the job's
+    environment on the node; the job's first stage runs from there."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # The node's pip works offline: everything but hpc-calo itself is already installed, and the build uses the
+    # node's setuptools instead of fetching one.
+    ray, dash, temp = _ray_head({**env, "PIP_NO_INDEX": "1", "PIP_NO_BUILD_ISOLATION": "0"})
+    try:
+        out = tmp_path / "rayjob"
+        r = subprocess.run(
+            [ray, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--runtime-env", "launch/runtime_env.yaml",
+             "--", "python", "-m", "launch.ray_job", "--dataset", "ds2", "--synthetic", "200", "--preset", "tiny",
+             "--prep-ranks", "1", "--stage", "prep", "--out", str(out)],
+            capture_output=True, text=True, env=env, cwd=REPO, timeout=900,
+        )
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+        assert "succeeded" in r.stdout.lower()
+        assert check_file(out / "data" / "train.h5").n == 200
+        assert (out / "store.zarr" / "zarr.json").is_file()
+        installed = list(Path(temp).glob("session_*/runtime_resources/pip/*/virtualenv/lib/python*/site-packages/"
+                                         "hpc_calo-*.dist-info"))
+        assert installed, "hpc-calo was not pip-installed into the job's runtime environment"
+    finally:
+        _stop_head(temp)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hpc_calo import preprocess as pp
+from hpc_calo.geometry import apply_threshold
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,7 +60,7 @@ def test_shape_encoding_decodes_to_layer_energies() -> None:
     y = pp.encode_shape(layer, noise=False)
     energy = layer.sum(-1)
     torch.testing.assert_close(pp.decode_shape(y, energy), layer, atol=1e-9, rtol=1e-9)
-    wrong = pp.apply_threshold(pp.decode_shape(y, 1.3 * energy) * (torch.rand(4, 144) > 0.1), 0.2)
+    wrong = apply_threshold(pp.decode_shape(y, 1.3 * energy) * (torch.rand(4, 144) > 0.1), 0.2)
     rescaled = pp.rescale(wrong, energy)
     torch.testing.assert_close(rescaled.sum(-1), energy)  # a wrong shape keeps the layer energy
     assert torch.equal(rescaled > 0, wrong > 0)  # and its sparsity
@@ -78,7 +79,7 @@ def test_noise_is_fresh_bounded_and_reproducible() -> None:
     torch.manual_seed(5)
     assert torch.equal(c, pp.add_noise(x))  # the global RNG (restored on resume) drives it by default
     # after the threshold cut the noise disappears: it is far below 15.15 keV
-    assert pp.apply_threshold(a, 0.01515).abs().sum() == 0
+    assert apply_threshold(a, 0.01515).abs().sum() == 0
 
 
 @pytest.mark.parametrize("encoding", pp.ENERGY_ENCODINGS)

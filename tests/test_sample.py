@@ -22,6 +22,7 @@ import h5py
 import numpy as np
 import pytest
 
+from hpc_calo import rundir
 from hpc_calo.errors import UserError
 from hpc_calo.geometry import DS2, DS3, Geometry
 from hpc_calo.io import CaloWriter
@@ -67,7 +68,7 @@ def energy_file(path: Path, energies: np.ndarray, geometry: Geometry = DS2) -> P
 
 @pytest.fixture(scope="module")
 def trained_range(tiny_run: Path) -> tuple[float, float]:
-    return tuple(json.loads((tiny_run / "run.json").read_text())["energy_range"])
+    return tuple(rundir.read_run(tiny_run)["energy_range"])
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +162,8 @@ def test_bad_requests_have_clear_errors(tiny_run: Path, trained_range: tuple[flo
     out = tmp_path / "o.h5"
     incomplete = tmp_path / "incomplete"
     shutil.copytree(tiny_run, incomplete)
-    for d in ("flow3", "flow3_student"):
-        (incomplete / d / "best.pt").unlink()
+    for student in (False, True):
+        rundir.weights(incomplete, 3, student).unlink()
     (tmp_path / "adir.h5").mkdir()
     few = energy_file(tmp_path / "few.h5", np.full(5, lo * 2))
     wide = energy_file(tmp_path / "wide.h5", np.geomspace(lo / 2, hi, N))

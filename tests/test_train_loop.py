@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from data_prep.convert import main as convert_main
+from hpc_calo import rundir
 from hpc_calo.data.store import ShardedLoader, open_store
 from hpc_calo.errors import run_cli
 from hpc_calo.geometry import DS2
@@ -45,7 +46,7 @@ def model(flow: int, dtype: torch.dtype = torch.float32) -> FlowModel:
 
 
 def epochs(out: Path) -> list[dict]:
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in rundir.metrics_in(out).read_text().splitlines()]
     return [x for x in lines if x["event"] == "epoch"]
 
 
@@ -60,7 +61,7 @@ def test_likelihood_is_finite_and_improves(store: Path, tmp_path: Path, flow: in
     assert all(torch.isfinite(torch.tensor(vals)))
     assert vals[-1] < vals[0] - 1.0  # validation NLL (nats) goes down
     assert result["best_val"] == min(vals) and result["skipped_steps"] == 0 and not result["stopped"]
-    best = load_flow_model(tmp_path / "best.pt", dataset="ds2", flow=flow)
+    best = load_flow_model(rundir.weights_in(tmp_path), dataset="ds2", flow=flow)
     assert best.preset == "tiny"
 
 
@@ -72,18 +73,18 @@ def _run(store: Path, out: Path, max_steps: int | None) -> dict:
 def test_resume_is_bit_identical(store: Path, tmp_path: Path) -> None:
     reference = tmp_path / "uninterrupted"
     assert _run(store, reference, None)["global_step"] == 12  # 6 steps per epoch (1350 showers / 256)
-    final = torch.load(reference / "checkpoint.pt", weights_only=False)["model"]
+    final = torch.load(rundir.checkpoint_in(reference), weights_only=False)["model"]
     for kill_at, resume_at in ((5, 4), (7, 6)):  # mid-epoch checkpoint at 4; epoch-end checkpoint at 6
         out = tmp_path / f"killed_{kill_at}"
         stopped = _run(store, out, kill_at)
         assert stopped["stopped"] and stopped["global_step"] == kill_at
-        assert load_checkpoint(out / "checkpoint.pt")["global_step"] == resume_at
+        assert load_checkpoint(rundir.checkpoint_in(out))["global_step"] == resume_at
         resumed = _run(store, out, None)  # fresh model, fresh loaders: as after a restart
         assert resumed["global_step"] == 12 and not resumed["stopped"]
-        weights = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
+        weights = torch.load(rundir.checkpoint_in(out), weights_only=False)["model"]
         for k, w in final.items():
             assert torch.equal(w, weights[k]), f"{k} differs after a kill at step {kill_at}"
-        assert resumed["best_val"] == torch.load(reference / "checkpoint.pt", weights_only=False)["best_val"]
+        assert resumed["best_val"] == torch.load(rundir.checkpoint_in(reference), weights_only=False)["best_val"]
 
 
 def test_float64_training(store: Path, tmp_path: Path) -> None:
@@ -91,7 +92,7 @@ def test_float64_training(store: Path, tmp_path: Path) -> None:
     m = model(1, torch.float64)
     result = fit(m, *loaders(store, 1), cfg, tmp_path)
     assert torch.isfinite(torch.tensor(result["best_val"]))
-    assert load_flow_model(tmp_path / "best.pt", dtype=torch.float64).dtype == torch.float64
+    assert load_flow_model(rundir.weights_in(tmp_path), dtype=torch.float64).dtype == torch.float64
 
 
 def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -105,10 +106,12 @@ def test_cli_trains_and_refuses_bad_input(store: Path, tmp_path: Path, capsys: p
     base = ["--store", str(store), "--out", str(run), "--epochs", "1", "--threads", "1"]
     code, _ = _cli(["--flow", "1", "--preset", "tiny", *base], capsys)
     assert code == 0
-    record = json.loads((run / "run.json").read_text())
+    record = rundir.read_run(run)
     assert record["dataset"] == "ds2" and record["preset"] == "tiny"
     assert 1e3 <= record["energy_range"][0] < record["energy_range"][1] <= 1e6
-    assert {p.name for p in (run / "flow1").iterdir()} >= {"best.pt", "checkpoint.pt", "metrics.jsonl", "config.json"}
+    flow1 = rundir.flow_dir(run, 1)
+    written = (rundir.weights_in(flow1), rundir.checkpoint_in(flow1), rundir.metrics_in(flow1), rundir.config_in(flow1))
+    assert all(p.is_file() for p in written)
 
     def refused(argv: list[str], match: str) -> None:
         code, err = _cli(argv, capsys)
@@ -124,10 +127,10 @@ def test_cli_trains_and_refuses_bad_input(store: Path, tmp_path: Path, capsys: p
     refused(["--flow", "1", "--preset", "tiny", "--store", str(incomplete), *base[2:]], "incomplete store")
     refused(["--flow", "1", "--preset", "ds3", *base], "preset 'ds3' is for ds3")
     refused(["--flow", "1", "--preset", "small", *base], "not 'small'")  # run folder of another preset
-    (run / "flow2").mkdir()
-    shutil.copy(run / "flow1" / "checkpoint.pt", run / "flow2" / "checkpoint.pt")
+    rundir.flow_dir(run, 2).mkdir()
+    shutil.copy(rundir.checkpoint_in(flow1), rundir.checkpoint_in(rundir.flow_dir(run, 2)))
     refused(["--flow", "2", "--preset", "tiny", *base], "checkpoint has flow=1")
-    (run / "flow2" / "checkpoint.pt").write_bytes(b"garbage")
+    rundir.checkpoint_in(rundir.flow_dir(run, 2)).write_bytes(b"garbage")
     refused(["--flow", "2", "--preset", "tiny", *base], "corrupt")
 
 
@@ -143,7 +146,7 @@ def test_step_budget_and_extending_a_finished_run(store: Path, tmp_path: Path) -
     assert run(steps=9)["global_step"] == 9  # the same budget again: already done, nothing trained
     extended = run(steps=15)
     assert extended["global_step"] == 15
-    ck = load_checkpoint(tmp_path / "checkpoint.pt")
+    ck = load_checkpoint(rundir.checkpoint_in(tmp_path))
     assert ck["total_steps"] == 15 and ck["budget"]["steps"] == 15
     assert ck["scheduler"]["total_steps"] == 15 and ck["scheduler"]["last_epoch"] == 15
     assert run(epochs=3)["global_step"] == 18  # a budget in another unit extends the same way
@@ -152,7 +155,7 @@ def test_step_budget_and_extending_a_finished_run(store: Path, tmp_path: Path) -
 def test_minutes_budget_becomes_a_fixed_step_budget(store: Path, tmp_path: Path) -> None:
     cfg = TrainConfig(epochs=1, batch_size=256, max_lr=3e-3, log_every=100, minutes=0.05)
     result = fit(model(1), *loaders(store, 1), cfg, tmp_path)
-    ck = load_checkpoint(tmp_path / "checkpoint.pt")
+    ck = load_checkpoint(rundir.checkpoint_in(tmp_path))
     assert ck["timed"] and ck["total_steps"] == result["global_step"] >= 20  # timed after its first 20 steps
     assert 0 < result["train_s"] < 60
     again = fit(model(1), *loaders(store, 1), cfg, tmp_path)  # same budget: the recorded plan is kept

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from hpc_calo import rundir
 from hpc_calo.atomic import atomic_path
 from hpc_calo.errors import UserError, run_cli
 
@@ -220,7 +221,7 @@ def train_cell(store: Path, out: Path, preset: str, amp: str, steps: int, batch:
     from hpc_calo.flows.presets import get_preset
 
     b = batch or get_preset(preset).batch_size
-    lines = (out / "timed" / "flow3" / "metrics.jsonl").read_text().splitlines()
+    lines = rundir.metrics_in(rundir.flow_dir(out / "timed", 3)).read_text().splitlines()
     losses = [json.loads(x)["loss"] for x in lines if json.loads(x).get("event") == "step"]
     shutil.rmtree(out, ignore_errors=True)
     return {"pairs_per_s": round(steps * b / summary["train_s"], 1), "steps": steps, "batch": b,
@@ -254,15 +255,16 @@ def bench_train(sizes: Sizes, res: Results, clock: Clock, window_s: float, root:
 
 def make_run(root: Path, store: Path, preset: str) -> Path:
     """A run folder of ``preset`` with random weights (timing does not need training)."""
+    from hpc_calo import rundir
     from hpc_calo.models import FlowModel
-    from hpc_calo.train.job import TrainRequest, build_job, flow_dir_name
+    from hpc_calo.train.job import TrainRequest, build_job
 
     run = root / f"run_{preset}"
     for k in (1, 2, 3):
         job = build_job(TrainRequest(flow=k, store=store, preset=preset, out=run))
         job.prepare()
         torch.manual_seed(k)
-        path = run / flow_dir_name(k, k > 1) / "best.pt"
+        path = rundir.weights(run, k, k > 1)
         path.parent.mkdir(parents=True, exist_ok=True)
         FlowModel.from_preset(k, job.geometry, preset, student=k > 1).save(path)
     return run

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ from zarr.codecs import ZstdCodec
 
 from hpc_calo.errors import UserError
 from hpc_calo.geometry import E_INC_MAX_MEV, E_INC_MIN_MEV, N_LAYERS, Geometry, get_geometry
+from hpc_calo.prefetch import prefetch
 
 log = logging.getLogger(__name__)
 
@@ -321,35 +320,7 @@ class ShardedLoader:
         """Buffers of shuffled chunks, the next one read in a background thread while this one is used."""
         order = rng.permutation(self._chunk_ids)
         groups = [order[i : i + self.buffer_chunks] for i in range(0, len(order), self.buffer_chunks)]
-        q: queue.Queue[_Rows | BaseException | None] = queue.Queue(maxsize=1)
-        stop = threading.Event()
-
-        def work() -> None:
-            try:
-                for g in groups:
-                    rows = self._read_chunks(g)
-                    while not stop.is_set():
-                        try:
-                            q.put(rows, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
-                        return
-                q.put(None)
-            except BaseException as err:
-                q.put(err)
-
-        t = threading.Thread(target=work, daemon=True, name="ShardedLoader-prefetch")
-        t.start()
-        try:
-            while (item := q.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            t.join()
+        yield from prefetch((self._read_chunks(g) for g in groups), depth=1, name="ShardedLoader-prefetch")
 
     def _streamed(self) -> Iterator[dict[str, np.ndarray]]:
         rng = self._rng()

@@ -18,7 +18,7 @@ import torch
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.metrics import roc_auc_score
 
-from hpc_calo.flows.fast import FastMAF, FastStudent
+from hpc_calo.flows import fast_sampler
 from hpc_calo.models import FlowModel
 
 BATCH = 1000
@@ -39,7 +39,7 @@ def diagnose(teacher: FlowModel, student: FlowModel, batches: Iterable[Mapping[s
         if rows >= n:
             break
     data, context = torch.cat(xs)[:n], torch.cat(cs)[:n]
-    sample_t, sample_s = FastMAF(teacher.flow), FastStudent(student.flow)
+    sample_t, sample_s = fast_sampler(teacher.flow), fast_sampler(student.flow)
     g = torch.Generator(device=data.device).manual_seed(seed)
     out_t, out_s, ll = [], [], {"data": [], "teacher_samples": [], "student_samples": []}
     for a in range(0, len(data), BATCH):

@@ -3,7 +3,6 @@ flow 2 or 3 from its trained teacher through the same Job, loop and Ray path as 
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,15 +10,14 @@ from typing import Any
 
 import torch
 
-from hpc_calo.atomic import atomic_path
+from hpc_calo import rundir
 from hpc_calo.data.store import open_store
 from hpc_calo.distill.pdd import DistillModel, PDDConfig
 from hpc_calo.errors import UserError
 from hpc_calo.flows.presets import get_preset
 from hpc_calo.models import FlowModel, load_flow_model
-from hpc_calo.train.checkpoint import read_run
 from hpc_calo.train.distributed import RayConfig
-from hpc_calo.train.job import Job, TrainingOptions, flow_dir_name, run_job, train_config
+from hpc_calo.train.job import Job, TrainingOptions, run_job, train_config
 
 
 @dataclass(frozen=True)
@@ -51,7 +49,7 @@ class DistillJob(Job):
 
     @property
     def teacher_path(self) -> Path:
-        return self.run_dir / flow_dir_name(self.flow) / "best.pt"
+        return rundir.weights(self.run_dir, self.flow)
 
     def describe(self) -> str:
         return f"{self.geometry.name} preset {self.preset}: distilling {self.teacher_path}"
@@ -70,9 +68,9 @@ class DistillJob(Job):
 
 def build_job(req: DistillRequest) -> DistillJob:
     """Validate the run folder, teacher and store; no file is written here."""
-    run = read_run(req.run)
+    run = rundir.read_run(req.run)
     preset = get_preset(run["preset"])
-    teacher = req.run / flow_dir_name(req.flow) / "best.pt"
+    teacher = rundir.weights(req.run, req.flow)
     if not teacher.is_file():
         raise UserError(f"{req.run}: no trained flow-{req.flow} teacher ({teacher}); train it first")
     store_path = req.store or (Path(run["store"]) if run.get("store") else None)
@@ -92,11 +90,10 @@ def report_quality(job: DistillJob, n: int) -> dict[str, Any]:
     from hpc_calo.distill.diagnose import diagnose
 
     teacher = load_flow_model(job.teacher_path, dataset=job.geometry.name, flow=job.flow)
-    student = load_flow_model(job.out_dir / "best.pt", dataset=job.geometry.name, flow=job.flow)
+    student = load_flow_model(rundir.weights_in(job.out_dir), dataset=job.geometry.name, flow=job.flow)
     train, val = job.make_loaders(0, 1)
     result = diagnose(teacher, student, val if val is not None else train, n, seed=job.cfg.seed)
-    with atomic_path(job.out_dir / "diagnostics.json") as tmp:
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    rundir.write_json(rundir.diagnostics_in(job.out_dir), result)
 
     def f(key: str) -> str:
         return "n/a" if result[key] is None else f"{result[key]:.2f}"
@@ -112,6 +109,6 @@ def distill(req: DistillRequest) -> dict[str, Any]:
     """Train (or resume) the student, then score the best one; returns the training summary."""
     job = build_job(req)
     summary = run_job(job, req.ray)
-    if req.diagnostic_samples and (job.out_dir / "best.pt").is_file():
+    if req.diagnostic_samples and rundir.weights_in(job.out_dir).is_file():
         report_quality(job, req.diagnostic_samples)
     return summary

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hpc_calo.distill.trace import Trace, one_pass
+from hpc_calo.flows import Trace, base_log_prob, one_pass
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def pass_loss(first: Trace, second: Trace, target: torch.Tensor, cfg: PDDConfig)
 class DistillModel(nn.Module):
     """``forward(batch)`` -> PDD loss (train mode) or the KL estimate (eval mode); only the student trains.
 
-    ``teacher`` and ``student`` are FlowModel-like: ``.flow`` (nflows Flow), and the teacher's
+    ``teacher`` and ``student`` are FlowModel-like: ``.flow`` (a flow of :mod:`hpc_calo.flows`), and the teacher's
     ``.inputs(batch) -> (x, context)`` does the preprocessing (fresh dequantisation noise included). The teacher
     is held outside the module tree: not in ``parameters()``, ``state_dict()`` or DDP's buckets (so DDP sees
     exactly the student, and a checkpoint holds only the student), yet ``.to()`` moves it along.
@@ -120,8 +120,8 @@ class DistillModel(nn.Module):
         s_z = one_pass(student, z, c)
         t_z = one_pass(teacher, s_z.outputs, c)  # gradients flow through the frozen teacher
         with torch.no_grad():
-            log_q = student._distribution.log_prob(z) - s_z.logabsdet
-            log_p = teacher._distribution.log_prob(t_z.outputs) + t_z.logabsdet
+            log_q = base_log_prob(student, z) - s_z.logabsdet
+            log_p = base_log_prob(teacher, t_z.outputs) + t_z.logabsdet
             kl = (log_q - log_p).mean()
         if not self.training:
             # Validation: the KL is what the loop keeps the best student by; the pass losses are logged too.

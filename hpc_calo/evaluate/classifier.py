@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import copy
 import os
-import queue
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +29,7 @@ from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from hpc_calo.io import Block
+from hpc_calo.prefetch import prefetch
 
 SPLITS = ("train", "test", "val")
 LN2 = float(np.log(2.0))
@@ -203,45 +201,13 @@ def _batches(f: RowFile, batch_size: int, rng: np.random.Generator | None, buffe
             yield x[j : j + batch_size], y[j : j + batch_size]
 
 
-def _prefetch(it: Iterator, depth: int = 2) -> Iterator:
-    """Run ``it`` in a background thread (reading overlaps training; both release the GIL)."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def work() -> None:
-        try:
-            for item in it:
-                if stop.is_set():
-                    return
-                q.put(item)
-        except BaseException as err:  # surface reader errors in the consumer
-            q.put(err)
-        q.put(done)
-
-    t = threading.Thread(target=work, daemon=True)
-    t.start()
-    try:
-        while (item := q.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while t.is_alive():
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                t.join(0.05)
-
-
 @torch.no_grad()
 def _logits(model: torch.nn.Module, f: RowFile, cfg: ClassifierConfig, buffer_rows: int) -> np.ndarray:
     model.eval()
     dev = torch.device(cfg.device)
     out = [
         model(torch.from_numpy(x).to(dev)).reshape(-1).double().cpu().numpy()
-        for x, _ in _prefetch(_batches(f, cfg.batch_size, None, buffer_rows))
+        for x, _ in prefetch(_batches(f, cfg.batch_size, None, buffer_rows), depth=2)
     ]
     return np.concatenate(out) if out else np.zeros(0)
 
@@ -278,7 +244,7 @@ def train_and_score(data: ClassifierData, cfg: ClassifierConfig, desc: str) -> d
         for epoch in range(1, cfg.epochs + 1):
             model.train()
             total, seen = 0.0, 0
-            for x, y in _prefetch(_batches(train, cfg.batch_size, rng, buffer_rows)):
+            for x, y in prefetch(_batches(train, cfg.batch_size, rng, buffer_rows), depth=2):
                 xb, yb = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)
                 loss = loss_fn(model(xb).reshape(-1), yb)
                 opt.zero_grad(set_to_none=True)

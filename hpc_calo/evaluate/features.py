@@ -15,18 +15,12 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from hpc_calo.geometry import THRESHOLD_MEV, Geometry
+from hpc_calo.geometry import THRESHOLD_MEV, Geometry, apply_threshold
 from hpc_calo.io import Block, CaloFile
 
 # Per-layer features, in the order the official high-level classifier concatenates them (after E_layer).
 LAYER_FEATURES = ("e_layer", "ec_eta", "ec_phi", "width_eta", "width_phi", "sparsity", "ec_r", "width_r")
 _EPS = 1e-16
-
-
-def apply_threshold(showers: np.ndarray, threshold: float = THRESHOLD_MEV) -> np.ndarray:
-    """Zero voxels below the readout threshold, in place (the official evaluation does this to both files)."""
-    showers[showers < threshold] = 0.0
-    return showers
 
 
 def block_features(showers: np.ndarray, geometry: Geometry) -> dict[str, np.ndarray]:
@@ -115,10 +109,13 @@ class ShowerMoments:
         self.total = np.zeros(self.n_voxels)
 
     def __call__(self, block: Block) -> None:
-        self.total += block.showers.sum(axis=0, dtype=np.float64)
-        self.count += len(block.showers)
-        if len(block.showers):
-            self.vmax = max(self.vmax, float(block.showers.max()))
+        self.add(block.showers)
+
+    def add(self, showers: np.ndarray) -> None:
+        self.total += showers.sum(axis=0, dtype=np.float64)
+        self.count += len(showers)
+        if len(showers):
+            self.vmax = max(self.vmax, float(showers.max()))
 
     @property
     def mean(self) -> np.ndarray:
@@ -152,7 +149,7 @@ def scan(
     stop = f.n if stop is None else min(stop, f.n)
     with tqdm(total=stop, desc=desc, unit="shower", unit_scale=True, leave=False) as bar:
         for block in f.blocks(block_size, stop=stop):
-            apply_threshold(block.showers)
+            apply_threshold(block.showers, THRESHOLD_MEV)
             for c in consumers:
                 c(block)
             bar.update(len(block.showers))

@@ -12,7 +12,7 @@ What it removes from the plain nflows path (``flow._transform.inverse``), all wi
 
 Numerics: float64 and float32 agree with nflows to rounding (tests/test_fast.py). ``matmul_dtype=torch.bfloat16``
 runs only the GEMMs in bf16 (spline in float32): faster where the hardware has bf16 units, at a measured cost in
-fidelity (BENCHMARKS.md) — off by default.
+fidelity (BENCHMARKS.md, "bf16 fidelity", measured by ``python -m bench.precision``) — off by default.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from nflows import flows, transforms
 from torch import nn
 
 from hpc_calo.flows.build import InverseSplineAutoregressiveTransform
+from hpc_calo.flows.passes import is_student
 
 
 def rq_spline_inverse(
@@ -323,3 +324,14 @@ class CudaGraphSampler:
             self.c.copy_(context)
             self.graph.replay()
         return self.out
+
+
+def fast_sampler(flow: flows.Flow, matmul_dtype: torch.dtype | None = None, compile: bool = False) -> nn.Module:
+    """The fast z -> x of a built flow: FastStudent for a student, FastMAF for a MAF teacher.
+
+    ``matmul_dtype`` and ``compile`` apply to students only (a MAF's steps are too small to gain from either).
+    """
+    if is_student(flow):
+        fast = FastStudent(flow, matmul_dtype=matmul_dtype)
+        return fast.compile() if compile else fast
+    return FastMAF(flow)

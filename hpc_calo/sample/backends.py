@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from hpc_calo.errors import UserError
+from hpc_calo.mpi import plan_on_rank0
+from hpc_calo.ray_session import ray_session
 from hpc_calo.sample.job import Launch, Outcome, Output, SampleRequest, finish, precheck, prepare, progress_bar
 from hpc_calo.sample.plan import Plan, Request
 from hpc_calo.sample.worker import Worker, load_chain, torch_threads
@@ -82,22 +84,10 @@ def run_ray(req: Request, output: Output, launch: Launch) -> Outcome:
     plan, parts, todo = prepare(req, output, load_chain(req, device="cpu"))
     seconds = 0.0
     if todo:
-        started = not ray.is_initialized()
-        if started:
-            try:
-                kw: dict[str, Any] = {"include_dashboard": False}
-                if launch.address is None and launch.workers:
-                    kw["num_cpus"] = launch.workers * req.threads
-                ray.init(address=launch.address, **kw)
-            except (ConnectionError, RuntimeError, ValueError) as err:
-                raise UserError(f"--address {launch.address}: cannot join the Ray cluster: {err}") from None
-        t0 = time.perf_counter()  # from here: actor start (model loading) + generation, not Ray's own start
-        try:
+        with ray_session(launch.address, num_cpus=launch.workers * req.threads if launch.workers else None):
+            t0 = time.perf_counter()  # from here: actor start (model loading) + generation, not Ray's own start
             _ray_generate(ray, plan, parts.path, todo, launch)
             seconds = time.perf_counter() - t0
-        finally:
-            if started:
-                ray.shutdown()
     return finish(plan, parts, output, todo, seconds, launch.progress)
 
 
@@ -169,21 +159,22 @@ def _mpi_body(MPI: Any, comm: Any, req: Request, output: Output, launch: Launch)
     rank, size = comm.Get_rank(), comm.Get_size()
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
     device = _rank_device(req.device, node.Get_rank())
-    chain = payload = None
-    if rank == 0:
-        try:
-            precheck(req, output)
-            torch_threads(req.threads)
-            chain = load_chain(req, device=device)
-            plan, parts, todo = prepare(req, output, chain)
-            payload = (plan, todo, None)
-        except UserError as err:
-            payload = (None, None, str(err))
-    plan, todo, error = comm.bcast(payload, root=0)
-    if error is not None:
+    chain = None
+
+    def plan_here() -> tuple[Plan, list[int]]:
+        nonlocal chain
+        precheck(req, output)
+        torch_threads(req.threads)
+        chain = load_chain(req, device=device)
+        plan, _, todo = prepare(req, output, chain)
+        return plan, todo
+
+    planned, error = plan_on_rank0(comm, plan_here)
+    if planned is None:
         if rank == 0:
-            raise UserError(error)
+            raise UserError(str(error))
         return None
+    plan, todo = planned
     parts = output.parts
     mine = todo[rank::size]
     t0 = time.perf_counter()

@@ -10,11 +10,12 @@ from typing import Any
 
 from tqdm import tqdm
 
+from hpc_calo import rundir
 from hpc_calo.errors import UserError
 from hpc_calo.sample.gather import Gathered, gather
 from hpc_calo.sample.parts import PartsDir, default_parts_dir
 from hpc_calo.sample.plan import Plan, Request, make_plan
-from hpc_calo.sample.worker import check_run_dir, run_digest
+from hpc_calo.sample.worker import run_digest
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def precheck(req: Request, output: Output) -> None:
     """Everything checkable without loading the models."""
     req.check()
     check_output(output)
-    check_run_dir(req.run_dir)
+    rundir.require_run(req.run_dir)
 
 
 def prepare(req: Request, output: Output, chain: Any) -> tuple[Plan, PartsDir, list[int]]:

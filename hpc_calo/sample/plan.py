@@ -12,7 +12,6 @@ would generate them in a single pass, whatever the shard size, worker count or b
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from hpc_calo.digest import fingerprint
 from hpc_calo.errors import UserError
 from hpc_calo.geometry import Geometry, get_geometry
 from hpc_calo.io import CaloFile
@@ -117,16 +117,6 @@ def default_shard_size(geometry: Geometry) -> int:
     return rows - rows % 10 ** int(math.log10(rows))
 
 
-def file_digest(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(f"{p.parent.name}/{p.name}".encode())
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def _energy_source(req: Request, geometry: Geometry, lo: float, hi: float) -> tuple[float, float, dict[str, Any]]:
     """The energy range used and the fingerprint fields of the energy source; raises on a bad source."""
     if req.energies is not None:
@@ -186,13 +176,12 @@ def make_plan(req: Request, geometry: Geometry, energy_range: tuple[float, float
         "threads": req.threads if req.device == "cpu" else None,
         **source,
     }
-    fingerprint = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
     return Plan(
         request=req,
         dataset=geometry.name,
         emin=emin,
         emax=emax,
         shards=shards,
-        fingerprint=fingerprint,
+        fingerprint=fingerprint(description),
         description=description,
     )

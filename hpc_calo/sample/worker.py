@@ -9,27 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from hpc_calo import rundir
+from hpc_calo.digest import files_digest
 from hpc_calo.errors import UserError
 from hpc_calo.sample.parts import PartsDir
-from hpc_calo.sample.plan import Plan, Request, file_digest
-
-
-def weight_files(run_dir: Path) -> list[Path]:
-    """The model files whose bytes decide the output (the run digest covers exactly these)."""
-    return sorted(Path(run_dir).glob("flow*/best.pt"))
-
-
-def check_run_dir(run_dir: Path) -> None:
-    # Cheap check before anything heavy starts; Chain.load names missing model files itself.
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"{run_dir}: no such run directory")
-    if not (run_dir / "run.json").is_file():
-        raise UserError(f"{run_dir}: not a run directory (no run.json)")
+from hpc_calo.sample.plan import Plan, Request
 
 
 def run_digest(run_dir: Path) -> str:
-    return file_digest(weight_files(run_dir))
+    """The digest of the model files whose bytes decide the output."""
+    return files_digest(rundir.weight_files(run_dir))
 
 
 def torch_threads(n: int) -> None:
@@ -47,7 +36,7 @@ def load_chain(req: Request, device: str | None = None) -> Any:
     device = device or req.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {req.device}: CUDA is not available on {_host()}")
-    check_run_dir(req.run_dir)
+    rundir.require_run(req.run_dir)
     dtype, matmul_dtype = resolve(req.dtype)
     return Chain.load(req.run_dir, device=device, dtype=dtype, students=req.students, matmul_dtype=matmul_dtype,
                       renormalise=req.renormalise)

@@ -4,11 +4,10 @@ the typed :class:`TrainingOptions` and :class:`RayConfig` of their requests."""
 from __future__ import annotations
 
 import argparse
-import os
 
 from hpc_calo.seeding import DEFAULT_SEED
 from hpc_calo.train.config import AMP_MODES, DTYPES
-from hpc_calo.train.distributed import HOLD_ENV, LOADER_MEMORY_SHARE, RayConfig, parse_hold
+from hpc_calo.train.distributed import LOADER_MEMORY_SHARE, RayConfig
 from hpc_calo.train.job import TrainingOptions
 
 
@@ -91,5 +90,4 @@ def ray_config(args: argparse.Namespace) -> RayConfig | None:
         address=args.address,
         max_failures=args.max_failures,
         run_name=args.run_name,
-        hold=parse_hold(os.environ.get(HOLD_ENV)),
     )

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from hpc_calo.atomic import atomic_path
 from hpc_calo.errors import UserError
+from hpc_calo.torchfile import load_versioned, save_versioned
 
 CHECKPOINT_FORMAT = "hpc-calo-checkpoint"
 CHECKPOINT_VERSION = 1
-RUN_FILE = "run.json"
-RUN_FORMAT = "hpc-calo-run"
 
 
 def rng_state() -> dict[str, Any]:
@@ -47,23 +43,12 @@ def seed_all(seed: int) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
-    obj = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    save_versioned(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, state)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        # RNG states hold numpy arrays and Python tuples: full unpickling of our own file.
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # any unpickling failure means a corrupt file
-        raise UserError(f"{path}: checkpoint cannot be read (truncated or corrupt): {err}") from None
-    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path}: not an hpc-calo training checkpoint")
-    if obj.get("version") != CHECKPOINT_VERSION:
-        raise UserError(f"{path}: checkpoint version {obj.get('version')}, this hpc-calo reads {CHECKPOINT_VERSION}")
-    return obj
+    # RNG states hold numpy arrays and Python tuples: full unpickling of our own file.
+    return load_versioned(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "training checkpoint", weights_only=False)
 
 
 def check_meta(path: str | os.PathLike[str], saved: dict[str, Any], current: dict[str, Any]) -> None:
@@ -76,16 +61,3 @@ def check_meta(path: str | os.PathLike[str], saved: dict[str, Any], current: dic
                 "use another --out directory or remove the old run"
             )
 
-
-def read_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The run record ``RUN_DIR/run.json`` (dataset, preset, store, energy range, versions)."""
-    path = Path(run_dir) / RUN_FILE
-    if not path.is_file():
-        raise UserError(f"{run_dir}: not a run folder (no {RUN_FILE}; train the flows with python -m hpc_calo.train)")
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path}: unreadable run record: {err}") from None
-    if not isinstance(obj, dict) or obj.get("format") != RUN_FORMAT:
-        raise UserError(f"{path}: not an hpc-calo run record")
-    return obj

@@ -26,14 +26,12 @@ must be on storage every node sees (NFS, Lustre): rank 0 may land on another nod
 
 from __future__ import annotations
 
-import json
+import functools
 import os
-import shutil
 import socket
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -41,22 +39,15 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from hpc_calo.atomic import atomic_path
+from hpc_calo import rundir
 from hpc_calo.errors import UserError
+from hpc_calo.ray_session import ray_session
 from hpc_calo.train.config import TrainConfig
 from hpc_calo.train.loop import fit
 
 # Share of --memory-gb-per-worker given to the data loaders; the rest is for the interpreter, torch, the
 # model, the optimiser and the activations.
 LOADER_MEMORY_SHARE = 0.75
-WORKERS_DIR = "workers"  # RUN_DIR/flow<k>/workers/rank<r>.json: pid, host, shard and loader mode of each rank
-RAY_DIR = "ray"  # RUN_DIR/ray/<run name>: Ray Train's own run record
-# Test hook (also handy to rehearse a failure on a real cluster): "RANK:STEP" makes that rank stop before
-# global step STEP (once per run folder and RANK:STEP), write its pid to workers/hold-rank<RANK>.pid and wait to
-# be killed from outside (kill -9 PID). The run then fails or, with --max-failures >= 1, restarts from its
-# last checkpoint.
-HOLD_ENV = "HPC_CALO_HOLD_AT_STEP"
-HOLD_SECONDS = 300.0
 
 
 class TrainJob(Protocol):
@@ -86,7 +77,9 @@ class RayConfig:
     address: str | None = None  # None: the cluster of RAY_ADDRESS (inside a Ray job) or a new local one
     max_failures: int = 0
     run_name: str | None = None  # None: "<run folder name>-<flow folder name>"
-    hold: tuple[int, int] | None = None  # (rank, step): see HOLD_ENV
+    # step_hook(rank, global_step) runs on every worker before each optimisation step: a place to observe
+    # a run, or (the tests do) to stop a chosen rank at a chosen step and kill it. It must pickle.
+    step_hook: Callable[[int, int], None] | None = None
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -111,43 +104,7 @@ class RayConfig:
         return res
 
 
-def parse_hold(value: str | None) -> tuple[int, int] | None:
-    if not value:
-        return None
-    try:
-        rank, step = (int(v) for v in value.split(":"))
-    except ValueError:
-        raise UserError(f"{HOLD_ENV}={value!r}: expected RANK:STEP") from None
-    return rank, step
-
-
 # ----------------------------------------------------------------------------------------------- worker
-
-
-class _Tap:
-    """The worker's train loader, passed through; counts global steps to stop at the hold point."""
-
-    def __init__(self, loader: Any, rank: int, hold: tuple[int, int] | None, marker: Path, pid_file: Path) -> None:
-        self.loader, self.rank, self.hold, self.marker, self.pid_file = loader, rank, hold, marker, pid_file
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.loader.set_epoch(epoch)
-
-    def __iter__(self) -> Iterator[Any]:
-        for i, batch in enumerate(self.loader):
-            step = self.epoch * len(self.loader) + i  # the global step this batch is for (0-based)
-            if self.hold is not None and self.hold == (self.rank, step) and not self.marker.exists():
-                self.marker.touch()  # once per run folder: the restarted group must run through
-                with atomic_path(self.pid_file) as tmp:
-                    tmp.write_text(f"{os.getpid()}\n")
-                time.sleep(HOLD_SECONDS)
-                raise RuntimeError(f"{HOLD_ENV}: rank {self.rank} was not killed within {HOLD_SECONDS:.0f} s")
-            yield batch
 
 
 def _device(ray_cfg: RayConfig) -> torch.device:
@@ -157,11 +114,6 @@ def _device(ray_cfg: RayConfig) -> torch.device:
 
     # Ray sets CUDA_VISIBLE_DEVICES per worker and (TorchConfig's context) the current CUDA device.
     return ray.train.torch.get_device()
-
-
-def _write_worker_record(path: Path, record: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def train_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -192,11 +144,9 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     memory = None if ray_cfg.memory_gb_per_worker is None else ray_cfg.memory_gb_per_worker * LOADER_MEMORY_SHARE
     train, val = job.make_loaders(rank, world, memory, pin=device.type == "cuda")
 
-    workers = out_dir / WORKERS_DIR
-    workers.mkdir(exist_ok=True)
     shard = [getattr(train, "start", None), getattr(train, "stop", None)]
     mode = getattr(train, "mode", "?")
-    _write_worker_record(workers / f"rank{rank}.json", {
+    rundir.write_json(rundir.worker_record(out_dir, rank), {
         "rank": rank, "world_size": world, "pid": os.getpid(), "host": socket.gethostname(),
         "device": str(device), "steps_per_epoch": len(train), "loader_mode": mode, "shard": shard,
         "items": getattr(train, "n_items", None), "batch_size": getattr(train, "batch_size", None),
@@ -205,10 +155,6 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     print(f"[{cfg.name}] rank {rank}/{world} on {device}: showers {shard[0]}..{shard[1]} of the train split, "
           f"{len(train)} steps/epoch, batch {getattr(train, 'batch_size', '?')} of global {cfg.batch_size}, "
           f"loader {mode}", file=sys.stderr, flush=True)
-
-    hold = ray_cfg.hold
-    tag = "" if hold is None else f"rank{hold[0]}-step{hold[1]}"
-    loader = _Tap(train, rank, hold, workers / f"hold-{tag}.done", workers / f"hold-rank{rank}.pid")
 
     model = job.make_model().to(device=device, dtype=cfg.torch_dtype)
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -221,7 +167,9 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
         ray.train.report(metrics)
 
     cpu0 = time.process_time()
-    result = fit(ddp, loader, val, cfg, out_dir, rank=rank, world_size=world, report=report)
+    hook = ray_cfg.step_hook
+    before_step = None if hook is None else functools.partial(hook, rank)
+    result = fit(ddp, train, val, cfg, out_dir, rank=rank, world_size=world, report=report, before_step=before_step)
     result["cpu_s"] = time.process_time() - cpu0  # this process's CPU time in fit (a contention-free cost)
     if device.type == "cuda":
         result["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -230,57 +178,6 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- driver
-
-
-def _resolve_address(address: str | None) -> str | None:
-    """The cluster to attach to: --address, else "auto" when RAY_ADDRESS is set (inside a Ray job, where Ray
-    resolves it), else None: start a local Ray."""
-    if address:
-        return address
-    return "auto" if os.environ.get("RAY_ADDRESS") else None
-
-
-class _RaySession:
-    """Attach to a cluster, or start a local one in a short temp dir (AF_UNIX paths are limited to 107 bytes)."""
-
-    def __init__(self, ray_cfg: RayConfig) -> None:
-        self.ray_cfg = ray_cfg
-        self.started = False
-        self.temp_dir: str | None = None  # set when this session started a local Ray
-
-    @property
-    def local(self) -> bool:
-        return self.temp_dir is not None
-
-    def __enter__(self) -> _RaySession:
-        import ray
-
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        # Ray Train V2 otherwise echoes every print of the workers a second time through its logger.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-        if ray.is_initialized():  # the caller (a notebook, a test, launch.ray_job) owns the connection
-            return self
-        address = _resolve_address(self.ray_cfg.address)
-        if address is not None:
-            try:
-                ray.init(address=address, log_to_driver=True)
-            except (ConnectionError, RuntimeError, ValueError) as err:
-                raise UserError(f"cannot attach to the Ray cluster at {address!r}: {err}") from None
-        else:
-            self.temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-            need_cpus = self.ray_cfg.workers * self.ray_cfg.cpus_per_worker
-            ray.init(num_cpus=max(1, int(-(-need_cpus // 1))), include_dashboard=False, _temp_dir=self.temp_dir,
-                     log_to_driver=True)
-        self.started = True
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.started:
-            import ray
-
-            ray.shutdown()
-        if self.temp_dir is not None:
-            shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def _check_resources(ray_cfg: RayConfig, fixed: bool) -> None:
@@ -336,9 +233,10 @@ def run_ray(job: TrainJob, ray_cfg: RayConfig) -> dict[str, Any]:
     if cfg.device == "cuda" and not ray_cfg.use_gpu:
         raise UserError("--device cuda under Ray needs --gpus-per-worker > 0 (Ray assigns the GPUs)")
     job.prepare()
-    storage = (job.out_dir.parent / RAY_DIR).resolve()
-    with _RaySession(ray_cfg) as session:
-        _check_resources(ray_cfg, fixed=session.local)
+    storage = rundir.ray_dir(job.out_dir.parent).resolve()
+    need_cpus = ray_cfg.workers * ray_cfg.cpus_per_worker
+    with ray_session(ray_cfg.address, num_cpus=max(1, int(-(-need_cpus // 1)))) as local:
+        _check_resources(ray_cfg, fixed=local)
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"job": job, "ray": ray_cfg},

@@ -8,7 +8,6 @@ Job. The distillation (``hpc_calo.distill.job``) reuses all of it with its own J
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,17 +17,17 @@ import numpy as np
 import torch
 
 import hpc_calo
-from hpc_calo.atomic import atomic_path
+from hpc_calo import rundir
 from hpc_calo.data.store import ShardedLoader, open_store
 from hpc_calo.errors import UserError
 from hpc_calo.flows.presets import Preset, get_preset
 from hpc_calo.geometry import Geometry
 from hpc_calo.models import FlowModel, flow_meta
 from hpc_calo.seeding import DEFAULT_SEED
-from hpc_calo.train.checkpoint import RUN_FILE, RUN_FORMAT, check_meta, load_checkpoint, read_run
+from hpc_calo.train.checkpoint import check_meta, load_checkpoint
 from hpc_calo.train.config import TrainConfig
 from hpc_calo.train.distributed import RayConfig, run_ray
-from hpc_calo.train.loop import CHECKPOINT, fit
+from hpc_calo.train.loop import fit
 
 
 @dataclass(frozen=True)
@@ -81,10 +80,6 @@ KINDS = {1: "energies", 2: "layer0", 3: "pairs"}
 TRAIN_MEMORY_SHARE = 0.8
 
 
-def flow_dir_name(flow: int, student: bool = False) -> str:
-    return f"flow{flow}" + ("_student" if student else "")
-
-
 def versions() -> dict[str, str]:
     from importlib.metadata import version
 
@@ -108,7 +103,7 @@ class Job:
 
     @property
     def out_dir(self) -> Path:
-        return self.run_dir / flow_dir_name(self.flow, self.student)
+        return rundir.flow_dir(self.run_dir, self.flow, self.student)
 
     def make_model(self) -> FlowModel:
         """The same initial weights on every rank (seeded), in the configured dtype (not yet on the device)."""
@@ -142,7 +137,6 @@ class Job:
 
     def run_record(self) -> dict[str, Any]:
         return {
-            "format": RUN_FORMAT,
             "dataset": self.geometry.name,
             "preset": self.preset,
             "store": str(self.store_path.resolve()),
@@ -156,10 +150,10 @@ class Job:
     def prepare(self) -> None:
         """Check the run folder against this job and write run.json / config.json (driver or rank 0 only)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        run_file = self.run_dir / RUN_FILE
+        run_file = rundir.run_file(self.run_dir)
         record = self.run_record()
         if run_file.exists():
-            old = read_run(self.run_dir)
+            old = rundir.read_run(self.run_dir)
             for key in ("dataset", "preset"):
                 if old.get(key) != record[key]:
                     raise UserError(
@@ -169,21 +163,15 @@ class Job:
             # Keep the widest energy range any flow was trained on (they share one store normally).
             lo, hi = old.get("energy_range", record["energy_range"])
             record["energy_range"] = [min(lo, self.energy_range[0]), max(hi, self.energy_range[1])]
-        ckpt = self.out_dir / CHECKPOINT
+        ckpt = rundir.checkpoint_in(self.out_dir)
         if ckpt.exists():  # refuse a checkpoint of another flow / preset / dataset before touching anything
             check_meta(ckpt, load_checkpoint(ckpt).get("meta", {}), self.model_meta())
-        _write_json(run_file, record)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(self.out_dir / "config.json", {
+        rundir.write_run(self.run_dir, record)
+        rundir.write_json(rundir.config_in(self.out_dir), {
             "flow": self.flow, "student": self.student, "preset": self.preset, "dataset": self.geometry.name,
             "store": str(self.store_path.resolve()), "memory_gb": self.memory_gb, "train": self.cfg.to_dict(),
             **self.extra,
         })
-
-
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def train_config(opts: TrainingOptions, preset: Preset, flow: int, name: str, student: bool = False) -> TrainConfig:

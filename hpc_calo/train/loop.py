@@ -29,15 +29,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from hpc_calo import rundir
 from hpc_calo.atomic import atomic_path
 from hpc_calo.errors import UserError
 from hpc_calo.train.checkpoint import check_meta, load_checkpoint, rng_state, save_checkpoint, seed_all, set_rng_state
 from hpc_calo.train.config import TrainConfig
 
-CHECKPOINT = "checkpoint.pt"
 TIMING_STEPS = 20  # steps whose speed turns a time budget into a step budget
-BEST = "best.pt"
-METRICS = "metrics.jsonl"
 
 
 def _device(cfg: TrainConfig) -> torch.device:
@@ -114,7 +112,7 @@ class _Progress:
                  steps_per_epoch: int) -> None:
         self.cfg, self.enabled, self.total, self.start_step = cfg, enabled, total_steps, start_step
         self.steps_per_epoch = steps_per_epoch
-        self.path = out_dir / METRICS
+        self.path = rundir.metrics_in(out_dir)
         self.t0 = time.perf_counter()
         self.samples = 0
         self.t_last, self.samples_last = self.t0, 0
@@ -185,6 +183,7 @@ def fit(
     rank: int = 0,
     world_size: int = 1,
     report: Callable[[dict], None] | None = None,
+    before_step: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` (``model(batch) -> loss``) and return a summary; resumes from ``out_dir/checkpoint.pt``.
 
@@ -192,8 +191,9 @@ def fit(
     optionally ``set_epoch(e)``. A DDP-wrapped ``model`` must already sit on ``cfg.device`` in ``cfg.dtype``;
     an unwrapped one is moved here. Rank 0 writes ``checkpoint.pt`` (every ``cfg.checkpoint_every`` steps
     and at each epoch end), ``best.pt`` (lowest validation loss) and ``metrics.jsonl``. ``report(metrics)``
-    runs on every rank at each epoch end. Returns best_val, last_val, global_step, epochs, stopped
-    (True when ``cfg.max_steps`` cut the run short), skipped_steps (non-finite gradients) and train_s.
+    runs on every rank at each epoch end; ``before_step(global_step)`` before each optimisation step. Returns
+    best_val, last_val, global_step, epochs, stopped (True when ``cfg.max_steps`` cut the run short),
+    skipped_steps (non-finite gradients) and train_s.
     ``cfg.amp``: tf32 runs the float32 GEMMs on TF32 tensor cores for the duration of the call (the process's
     setting is restored after: sampling in the same process stays float32); bf16 autocasts the forward pass.
     """
@@ -201,13 +201,14 @@ def fit(
     if cfg.amp == "tf32":
         torch.set_float32_matmul_precision("high")
     try:
-        return _fit(model, train_loader, val_loader, cfg, out_dir, rank, world_size, report)
+        return _fit(model, train_loader, val_loader, cfg, out_dir, rank, world_size, report, before_step)
     finally:
         torch.set_float32_matmul_precision(previous)
 
 
 def _fit(model: nn.Module, train_loader: Any, val_loader: Any, cfg: TrainConfig, out_dir: Path, rank: int,
-         world_size: int, report: Callable[[dict], None] | None) -> dict[str, Any]:
+         world_size: int, report: Callable[[dict], None] | None,
+         before_step: Callable[[int], None] | None) -> dict[str, Any]:
     out_dir = Path(out_dir)
     is_rank0 = rank == 0
     if is_rank0:
@@ -233,7 +234,7 @@ def _fit(model: nn.Module, train_loader: Any, val_loader: Any, cfg: TrainConfig,
     sched = one_cycle(opt, cfg, total_steps, 0)
 
     epoch, step_in_epoch, global_step, best_val, last_val, trained_s = 0, 0, 0, math.inf, math.nan, 0.0
-    ckpt_path = out_dir / CHECKPOINT
+    ckpt_path = rundir.checkpoint_in(out_dir)
     if ckpt_path.exists():
         ck = load_checkpoint(ckpt_path)
         check_meta(ckpt_path, ck.get("meta", {}), meta)
@@ -302,6 +303,8 @@ def _fit(model: nn.Module, train_loader: Any, val_loader: Any, cfg: TrainConfig,
                 break
             if i < step_in_epoch:  # resume mid-epoch: replay the epoch's order, skip what was done
                 continue
+            if before_step is not None:
+                before_step(global_step)
             b = to_device(batch, device, dtype)
             rows = _rows(b)
             with autocast:
@@ -343,7 +346,7 @@ def _fit(model: nn.Module, train_loader: Any, val_loader: Any, cfg: TrainConfig,
         if improved:
             best_val = last_val
             if is_rank0:
-                save_best(raw, out_dir / BEST)
+                save_best(raw, rundir.weights_in(out_dir))
         epoch += 1
         step_in_epoch = 0
         checkpoint(epoch, 0)

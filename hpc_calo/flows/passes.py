@@ -1,9 +1,9 @@
-"""Run an nflows spline flow block by block in its one-pass direction, recording what distillation matches.
+"""Running a built nflows flow: density, sampling from a latent, and the block-by-block trace of distillation.
 
 nflows' ``CompositeTransform`` returns only the end point and the log-determinant; PDD also needs every
-intermediate tensor and every MADE output (the spline parameters). So the blocks are run here by hand with
-nflows' own pieces (``autoregressive_net``, ``_elementwise_forward``, ``Permutation``), which keeps the result
-identical to ``flow._transform(x, c)`` (teacher) or ``flow._transform.inverse(z, c)`` (student) — tested.
+intermediate tensor and every MADE output (the spline parameters). So :func:`one_pass` runs the blocks by hand
+with nflows' own pieces (``autoregressive_net``, ``_elementwise_forward``, ``Permutation``), which keeps the
+result identical to ``flow._transform(x, c)`` (teacher) or ``flow._transform.inverse(z, c)`` (student) — tested.
 
 One-pass directions: a teacher MAF maps data to latent (blocks in order); a student IAF (blocks wrapped in
 ``InverseTransform``) maps latent to data (blocks in reverse order, permutations inverted).
@@ -24,6 +24,22 @@ class Trace:
     logabsdet: torch.Tensor  # log |det d outputs / d inputs| of the map that was applied
     steps: list[torch.Tensor] = field(default_factory=list)  # the input, then the tensor after every transform
     params: list[torch.Tensor] = field(default_factory=list)  # each MADE's output, in the order the blocks ran
+
+
+def log_prob(flow: flows.Flow, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """log p(x | c) per row."""
+    return flow.log_prob(x, context=context)
+
+
+def from_latent(flow: flows.Flow, z: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """Base-distribution samples z (B, F) -> x (B, F): one pass for a student, F passes for a MAF."""
+    x, _ = flow._transform.inverse(z, context=flow._embedding_net(context))
+    return x
+
+
+def base_log_prob(flow: flows.Flow, z: torch.Tensor) -> torch.Tensor:
+    """log density of the latent z under the flow's base distribution, per row."""
+    return flow._distribution.log_prob(z)
 
 
 def is_student(flow: flows.Flow) -> bool:
@@ -53,3 +69,11 @@ def one_pass(flow: flows.Flow, inputs: torch.Tensor, context: torch.Tensor | Non
             logabsdet = logabsdet + ld
         steps.append(h)
     return Trace(h, logabsdet, steps, params)
+
+
+def maf_step(flow: flows.Flow, x: torch.Tensor, z: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """The work of one of the F sequential steps that sampling a MAF block costs: its MADE on the current x,
+    then its spline on z (the first block's; every block costs the same)."""
+    block = flow._transform._transforms[0]
+    out, _ = block._elementwise_forward(z, block.autoregressive_net(x, context))
+    return out

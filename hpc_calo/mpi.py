@@ -1,0 +1,25 @@
+"""The MPI step every SPMD command shares: rank 0 validates and plans, then every rank gets the plan."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from hpc_calo.errors import UserError
+
+T = TypeVar("T")
+
+
+def plan_on_rank0(comm: Any, plan: Callable[[], T]) -> tuple[T | None, str | None]:
+    """Run ``plan()`` on rank 0 only and broadcast ``(result, None)``, or ``(None, message)`` of its UserError.
+
+    Only rank 0 touches the inputs and the output's state, so the ranks cannot disagree about them; every rank
+    learns of a bad request at the same point, so none is left waiting in a collective call.
+    """
+    payload: tuple[T | None, str | None] = (None, None)
+    if comm.Get_rank() == 0:
+        try:
+            payload = (plan(), None)
+        except UserError as err:
+            payload = (None, str(err))
+    return comm.bcast(payload, root=0)
