@@ -172,7 +172,7 @@ class PipelineConfig:
     def save(self) -> None:
         """Write config.json, refusing a folder that is not a run folder or holds a run of another request.
 
-        Resources and worker counts may change between attempts (they decide where, not what).
+        Resources, worker counts and training budgets may change between attempts (where and how long, not what).
         """
         path = self.path("config")
         if self.root.exists() and not self.root.is_dir():
