@@ -39,6 +39,7 @@ from typing import Any
 
 from bench.report import machine
 from hpc_calo import rundir
+from launch.submit import parse_budget
 
 FLOWS = ("flow1", "flow2", "flow3", "flow2_student", "flow3_student")
 CHAINS = ("teacher", "student")
@@ -311,9 +312,9 @@ def _num(x: float | None) -> str:
 
 
 def _check_budget(text: str) -> tuple[str, str]:
-    name, _, rest = text.partition("=")
-    unit, _, amount = rest.partition(":")
-    if name not in FLOWS or unit not in ("epochs", "steps", "minutes") or not amount:
+    name, budget = parse_budget(text)  # the launcher's syntax and checks, one parser for both
+    (unit, amount), = budget.items()
+    if name not in FLOWS or unit not in ("epochs", "steps", "minutes"):
         raise argparse.ArgumentTypeError(f"expected FLOW=UNIT:N with FLOW one of {', '.join(FLOWS)}, not {text!r}")
     return name, f"{unit}:{amount}"
 

@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="model preset: tiny, small, or the reference ds2 / ds3 (default: the "
                                     "dataset's reference preset)")
     p.add_argument("--epochs", type=int, help="override the preset's epochs for every flow")
-    p.add_argument("--budget", action="append", metavar="FLOW=UNIT:N", type=_budget,
+    p.add_argument("--budget", action="append", metavar="FLOW=UNIT:N", type=parse_budget,
                    help="training budget of one flow, repeatable: FLOW is flow1, flow2, flow3, flow2_student or "
                         "flow3_student; UNIT is epochs, steps or minutes (e.g. --budget flow1=epochs:300 --budget "
                         "flow3=minutes:120). In a config file: [budget.flow3] minutes = 120. Re-running with a "
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _budget(text: str) -> tuple[str, dict[str, float]]:
+def parse_budget(text: str) -> tuple[str, dict[str, float]]:
     try:
         name, rest = text.split("=", 1)
         unit, amount = rest.split(":", 1)
