@@ -8,7 +8,7 @@ STAMP := $(VENV)/.hpc-calo-installed
 # CPU wheel pinned: an unpinned torch pulls a multi-GB CUDA build. GPU clusters: see README.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup quickstart test lint slurm-up slurm-down bench
+.PHONY: setup quickstart test lint slurm-up slurm-down bench gpu-wheels gpu-check-dry
 
 setup: $(STAMP)
 
@@ -36,3 +36,12 @@ slurm-up:
 
 slurm-down:
 	bash slurm/local_cluster.sh down
+
+# Wheels the bare GPU machine lacks (nflows, zarr, pytest and dependencies; CPython 3.12, manylinux), into the
+# ignored .whl/ that travels with the working tree; bench/gpu/check.sh unpacks them there.
+gpu-wheels: setup
+	PY=$(PY) bash bench/gpu/wheels.sh
+
+# The GPU check's plan rehearsed on this CPU at toy sizes.
+gpu-check-dry: setup
+	PYTHON=$(PY) bash bench/gpu/check.sh --dry-run

@@ -42,10 +42,12 @@ from hpc_calo.geometry import E_INC_MAX_MEV, E_INC_MIN_MEV, N_LAYERS, get_geomet
 from hpc_calo.models import FlowModel
 
 
-def build_chain(dataset: str, student: bool, dtype: torch.dtype, device: str, seed: int = 0) -> Chain:
+def build_chain(dataset: str, student: bool, dtype: torch.dtype, device: str, seed: int = 0,
+                preset: str | None = None) -> Chain:
+    """Random weights of ``preset`` (default: the dataset's reference architecture)."""
     torch.manual_seed(seed)
     geo = get_geometry(dataset)
-    flows = {k: FlowModel.from_preset(k, geo, dataset, student=student and k > 1).to(device, dtype).eval()
+    flows = {k: FlowModel.from_preset(k, geo, preset or dataset, student=student and k > 1).to(device, dtype).eval()
              for k in (1, 2, 3)}
     return Chain(flows, geo, (E_INC_MIN_MEV, E_INC_MAX_MEV))
 

@@ -51,12 +51,13 @@ def make_store(root: Path, dataset: str, showers: int) -> Path:
 
 
 def job(store: Path, out: Path, preset: str, batch: int, steps: int, device: str = "cpu") -> Any:
-    from hpc_calo.train.__main__ import build_job, build_parser
+    from hpc_calo.train.__main__ import parse_request
+    from hpc_calo.train.job import build_job
 
     argv = ["--flow", "3", "--store", str(store), "--preset", preset, "--out", str(out), "--batch-size", str(batch),
             "--max-steps", str(steps), "--checkpoint-every", str(10**9), "--log-every", str(10**9),
             "--threads", "1", "--device", device]
-    return build_job(build_parser().parse_args(argv))
+    return build_job(parse_request(argv))
 
 
 def j_workers(name: str) -> int:
@@ -64,8 +65,8 @@ def j_workers(name: str) -> int:
 
 
 def run_variant(name: str, store: Path, root: Path, args: argparse.Namespace, rep: int) -> dict[str, Any]:
-    from hpc_calo.train.__main__ import run_local
     from hpc_calo.train.distributed import RayConfig, run_ray
+    from hpc_calo.train.job import run_local
 
     out = root / f"{name}-{rep}"
     gpu = args.gpus_per_worker > 0

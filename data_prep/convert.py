@@ -51,6 +51,27 @@ MAX_BLOCK_BYTES = 128 * 2**20
 KILL_ENV = "HPC_CALO_CONVERT_KILL_AFTER_BLOCKS"
 
 
+@dataclass(frozen=True)
+class ConvertRequest:
+    """One conversion: CaloChallenge files in (concatenated in order), one pair store out."""
+
+    inputs: tuple[str, ...]
+    dataset: str
+    out: Path
+    val_fraction: float = 0.1
+    memory_gb: float = 2.0  # peak memory budget per rank
+    overwrite: bool = False
+    chunk_showers: int | None = None
+    block_showers: int | None = None
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise UserError("give at least one CaloChallenge input file")
+        if self.dataset not in DATASETS:
+            raise UserError(f"--dataset must be one of {', '.join(sorted(DATASETS))}, not {self.dataset!r}")
+
+
 # ------------------------------------------------------------------------------------------------ MPI
 
 
@@ -168,7 +189,7 @@ def _block_rows(geometry: Geometry, chunk: int, memory_gb: float, block_showers:
     return max(chunk, rows - rows % chunk)
 
 
-def prepare(args: argparse.Namespace) -> Plan:
+def prepare(args: ConvertRequest) -> Plan:
     """Rank 0: validate the inputs, decide create / resume / nothing to do, create the store if new."""
     geometry = get_geometry(args.dataset)
     if not 0.0 <= args.val_fraction < 1.0:
@@ -440,8 +461,19 @@ def _fail(comm: Any, msg: str) -> int:
     return 2
 
 
+def parse_request(argv: Sequence[str] | None = None) -> ConvertRequest:
+    a = build_parser().parse_args(argv)
+    return ConvertRequest(inputs=tuple(a.inputs), dataset=a.dataset, out=a.out, val_fraction=a.val_fraction,
+                          memory_gb=a.memory_gb, overwrite=a.overwrite, chunk_showers=a.chunk_showers,
+                          block_showers=a.block_showers, quiet=a.quiet)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return convert(parse_request(argv))
+
+
+def convert(args: ConvertRequest) -> int:
+    """Convert (or resume, or find complete) on this process, or on every rank under mpiexec/srun; 0 on success."""
     comm = get_comm()
     rank, size = comm.Get_rank(), comm.Get_size()
     t0 = time.perf_counter()
@@ -458,7 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _main(args: argparse.Namespace, comm: Any, rank: int, size: int, t0: float) -> int:
+def _main(args: ConvertRequest, comm: Any, rank: int, size: int, t0: float) -> int:
     plan, err = plan_on_rank0(comm, lambda: prepare(args))
     if err is not None:
         return _fail(comm, err)

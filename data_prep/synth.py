@@ -64,6 +64,7 @@ from hpc_calo.geometry import (
     get_geometry,
 )
 from hpc_calo.io import CaloWriter
+from hpc_calo.seeding import DEFAULT_SEED
 
 # Showers per independently seeded sub-block: small enough to keep the per-spot arrays of a 1 TeV sub-block in
 # tens of MB, large enough that numpy's per-call overhead is amortised.
@@ -375,6 +376,30 @@ def write_synthetic(
     return path
 
 
+@dataclass(frozen=True)
+class SynthRequest:
+    """A synthetic CaloChallenge file of ``showers`` showers at ``out`` (same seed, same file)."""
+
+    out: Path
+    dataset: str
+    showers: int
+    seed: int = DEFAULT_SEED
+    compression: str = "gzip"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.showers <= 0:
+            raise UserError(f"--showers must be positive, got {self.showers}")
+        if self.seed < 0:
+            raise UserError(f"--seed must be >= 0, got {self.seed}")
+        if Path(self.out).is_dir():
+            raise UserError(f"{self.out}: is a directory, expected a file path")
+
+
+def synthesize(req: SynthRequest) -> Path:
+    return write_synthetic(req.out, req.dataset, req.showers, req.seed, req.compression, progress=req.progress)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m data_prep.synth",
@@ -386,21 +411,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dataset", required=True, choices=sorted(DATASETS), help="voxel geometry: ds2 or ds3")
     parser.add_argument("--showers", required=True, type=int, help="number of showers to generate (> 0)")
     parser.add_argument("--out", required=True, type=Path, help="output HDF5 file (written atomically)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same file (default 0)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                        help=f"random seed; same seed, same file (default {DEFAULT_SEED})")
     parser.add_argument(
         "--compression", choices=["gzip", "none"], default="gzip", help="HDF5 compression (default gzip)"
     )
     parser.add_argument("--plot", type=Path, metavar="DIR", help="also write diagnostic PNGs into DIR")
     args = parser.parse_args(argv)
-    if args.showers <= 0:
-        raise UserError(f"--showers must be positive, got {args.showers}")
-    if args.seed < 0:
-        raise UserError(f"--seed must be >= 0, got {args.seed}")
-    if args.out.is_dir():
-        raise UserError(f"{args.out}: is a directory, expected a file path")
+    req = SynthRequest(args.out, args.dataset, args.showers, args.seed, args.compression)
     if args.plot is not None and args.plot.exists() and not args.plot.is_dir():
         raise UserError(f"{args.plot}: --plot needs a directory, this is a file")
-    out = write_synthetic(args.out, args.dataset, args.showers, args.seed, args.compression, progress=True)
+    out = synthesize(req)
     print(f"wrote {args.showers} {args.dataset} showers to {out}")
     if args.plot:
         from data_prep.plots import plot_file

@@ -1,11 +1,12 @@
 """Chained generation: E_inc -> flow-1 layer energies -> flow-2 layer 0 -> flow-3 x 44 -> CaloChallenge HDF5.
 
-Determinism: every random number of shower row i (base-distribution samples of the three flows and the
-dequantisation noise of each generated layer) comes from the stream of the row block ``i // ROW_BLOCK``,
-a torch.Generator seeded from ``SeedSequence([seed, block])``. Batches draw whole blocks in a fixed order, so
-the random numbers a row gets depend on (seed, row index) only, NOT on ``batch_size``; the output for a seed
-is bit-identical for the same (device, dtype, batch_size), and equal up to floating-point rounding (matrix
-products of other shapes) across batch sizes.
+Determinism (the rule of ``hpc_calo.seeding``, shared with ``hpc_calo.sample``): every random number of shower
+row i (base-distribution samples of the three flows and the dequantisation noise of each generated layer) comes
+from the stream of the row block ``i // ROW_BLOCK``, a torch.Generator seeded from ``SeedSequence([seed,
+block])``. Batches draw whole blocks in a fixed order, so the random numbers a row gets depend on (seed, row
+index) only, NOT on ``batch_size`` nor on where a shard of rows starts; the output for a seed is bit-identical
+for the same (device, dtype, batch boundaries), and equal up to floating-point rounding (matrix products of other
+shapes) across batch sizes.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +26,14 @@ from tqdm import tqdm
 
 from hpc_calo import preprocess as pp
 from hpc_calo import rundir
+from hpc_calo.background import write_behind
 from hpc_calo.errors import UserError, run_cli
 from hpc_calo.flows import fast_sampler
 from hpc_calo.geometry import E_INC_MAX_MEV, E_INC_MIN_MEV, N_LAYERS, Geometry, apply_threshold, get_geometry
 from hpc_calo.io import CaloFile, CaloWriter
 from hpc_calo.models import FlowModel, load_flow_model
 from hpc_calo.precision import PRECISION_HELP, PRECISIONS, add_renormalise_argument, resolve
-
-ROW_BLOCK = 64  # rows sharing one random stream; small enough that a partial block wastes little
+from hpc_calo.seeding import DEFAULT_SEED, ROW_BLOCK, log_uniform_energies, row_block_seed
 
 
 class _RowNoise:
@@ -44,9 +46,8 @@ class _RowNoise:
         self.n = stop - start
         self.gens = []
         for block in range(self.first, last + 1):
-            s = np.random.SeedSequence([seed, block]).generate_state(2, dtype=np.uint32)
             g = torch.Generator(device=device)
-            g.manual_seed(int(s[0]) << 31 | int(s[1]) >> 1)
+            g.manual_seed(row_block_seed(seed, block))
             self.gens.append(g)
 
     def _draw(self, fn: Any, features: int) -> torch.Tensor:
@@ -86,6 +87,18 @@ class Chain:
             self.from_latent[k] = fast_sampler(f.flow, matmul_dtype, compile).to(self.device)
         return self
 
+    def use_cuda_graphs(self) -> Chain:
+        """Replay each flow's sampler as a CUDA graph, captured once per batch size on first use.
+
+        Sampling is launch-bound on a GPU (the MAF's feature loop, 44 flow-3 calls per shower batch); a graph
+        replays the same kernels without the launch overhead, so the result is the eager one. A batch size
+        is captured the second time it comes (a shard's short last batch, seen once, runs eagerly).
+        """
+        if self.device.type != "cuda":
+            raise UserError("CUDA graphs need a chain on a CUDA device")
+        self.from_latent = {k: _Graphed(f) for k, f in self.from_latent.items()}
+        return self
+
     @property
     def students(self) -> dict[int, bool]:
         return {k: f.student for k, f in self.flows.items()}
@@ -93,11 +106,13 @@ class Chain:
     @classmethod
     def load(cls, run_dir: str | os.PathLike[str], device: str | torch.device = "cpu",
              dtype: torch.dtype = torch.float32, students: bool | None = None, fast: bool = True,
-             matmul_dtype: torch.dtype | None = None, renormalise: bool = True) -> Chain:
+             matmul_dtype: torch.dtype | None = None, renormalise: bool = True,
+             cuda_graphs: bool | None = None) -> Chain:
         """Load ``RUN_DIR/flow{1,2,3}[_student]/best.pt``. students: None uses a student where one exists.
 
         ``fast`` samples through hpc_calo.flows.fast (equal to nflows to rounding, several times faster);
         every entry point loads chains this way, so production is reproducible across backends.
+        ``cuda_graphs`` (default: on a CUDA device with ``fast``) replays the fast samplers as CUDA graphs.
         """
         run_dir = Path(run_dir)
         run = rundir.read_run(run_dir)
@@ -113,7 +128,12 @@ class Chain:
             flows[k] = load_flow_model(path, device, dtype, dataset=geometry.name, flow=k)
         lo, hi = run.get("energy_range", (E_INC_MIN_MEV, E_INC_MAX_MEV))
         chain = cls(flows, geometry, (float(lo), float(hi)), renormalise=renormalise, run=run)
-        return chain.use_fast_samplers(matmul_dtype=matmul_dtype) if fast else chain
+        if not fast:
+            return chain
+        chain.use_fast_samplers(matmul_dtype=matmul_dtype)
+        if chain.device.type == "cuda" if cuda_graphs is None else cuda_graphs:
+            chain.use_cuda_graphs()
+        return chain
 
     @torch.no_grad()
     def head(self, e_inc: torch.Tensor, noise: _RowNoise) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,8 +172,11 @@ class Chain:
             layers.append(layer)
         return torch.cat(layers, dim=1)
 
-    def sample_iter(self, e_inc: np.ndarray, seed: int, batch_size: int = 1000) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield (first row, showers (b, 45 V) float32 MeV) batch by batch (bounded memory)."""
+    def sample_iter(self, e_inc: np.ndarray, seed: int, batch_size: int = 1000,
+                    start: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (first row, showers (b, 45 V) float32 MeV) batch by batch (bounded memory).
+
+        ``start`` is the output row of ``e_inc[0]``: a shard starting there gets the rows a single pass gives."""
         e = np.asarray(e_inc, dtype=np.float64).reshape(-1)
         if batch_size < 1:
             raise UserError(f"batch size must be positive, not {batch_size}")
@@ -161,7 +184,7 @@ class Chain:
             raise UserError("incident energies must be finite and positive (MeV)")
         for a in range(0, len(e), batch_size):
             b = min(a + batch_size, len(e))
-            noise = _RowNoise(seed, a, b, self.device, self.dtype)
+            noise = _RowNoise(seed, start + a, start + b, self.device, self.dtype)
             t = torch.as_tensor(e[a:b], device=self.device, dtype=self.dtype)
             yield a, self._sample_rows(t, noise).to("cpu", torch.float32).numpy()
 
@@ -173,10 +196,28 @@ class Chain:
         return out
 
     def random_energies(self, n: int, seed: int) -> np.ndarray:
-        """Log-uniform incident energies over the trained range (MeV)."""
-        lo, hi = self.energy_range
-        u = np.random.default_rng(np.random.SeedSequence([seed, 0xE1C])).random(n)
-        return lo * (hi / lo) ** u
+        """Log-uniform incident energies over the trained range (MeV), rows 0..n-1 of the seeding rule."""
+        return log_uniform_energies(seed, 0, n, *self.energy_range)
+
+
+class _Graphed:
+    """A flow's z -> x sampler, replayed from a CUDA graph for each full batch size it has seen."""
+
+    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        self.fn = fn
+        self.graphs: dict[int, Any] = {}
+        self.seen: set[int] = set()
+
+    def __call__(self, z: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        from hpc_calo.flows.fast import CudaGraphSampler
+
+        b = z.shape[0]
+        if b not in self.seen:  # capturing costs a few eager calls: only for sizes that recur
+            self.seen.add(b)
+            return self.fn(z, context)
+        if b not in self.graphs:
+            self.graphs[b] = CudaGraphSampler(self.fn, b, z.shape[1], context.shape[1], z.dtype, z.device)
+        return self.graphs[b](z, context).clone()  # the graph's output buffer is reused by the next replay
 
 
 def reference_energies(path: Path, geometry: Geometry, n: int | None) -> np.ndarray:
@@ -201,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take the incident energies of this CaloChallenge file (its first N); default: log-uniform "
                         "over the trained range")
     p.add_argument("--batch-size", type=int, default=1000, help="showers per batch (default 1000)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                   help=f"random seed; row i's randomness depends on (seed, i) only (default {DEFAULT_SEED})")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device (default cpu)")
     p.add_argument("--dtype", default="float32", choices=PRECISIONS, help=PRECISION_HELP)
     p.add_argument("--students", choices=("auto", "yes", "no"), default="auto",
@@ -212,34 +254,75 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.showers is None and args.energies is None:
-        raise UserError("give --showers N, or --energies REF.h5 to take its incident energies")
-    if args.showers is not None and args.showers < 1:
-        raise UserError(f"--showers must be positive, not {args.showers}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    students = {"auto": None, "yes": True, "no": False}[args.students]
-    dtype, matmul_dtype = resolve(args.dtype)
-    chain = Chain.load(args.run, args.device, dtype, students, matmul_dtype=matmul_dtype,
-                       renormalise=args.renormalise)
-    if args.energies is not None:
-        e_inc = reference_energies(args.energies, chain.geometry, args.showers)
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One pass of the chain into one CaloChallenge file (``hpc_calo.sample`` is the sharded, parallel way)."""
+
+    run: Path
+    out: Path
+    showers: int | None = None  # None: as many as ``energies`` holds
+    energies: Path | None = None  # take the first ``showers`` incident energies of this file
+    batch_size: int = 1000
+    seed: int = DEFAULT_SEED
+    device: str = "cpu"
+    dtype: str = "float32"
+    students: bool | None = None  # None: students where trained
+    renormalise: bool = True  # each generated layer sums exactly to flow-1's layer energy
+    threads: int = 0  # torch CPU threads; 0: torch's default
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.showers is None and self.energies is None:
+            raise UserError("give --showers N, or --energies REF.h5 to take its incident energies")
+        if self.showers is not None and self.showers < 1:
+            raise UserError(f"--showers must be positive, not {self.showers}")
+        if self.seed < 0:
+            raise UserError(f"--seed must be a non-negative integer, not {self.seed}")
+        if self.dtype not in PRECISIONS:
+            raise UserError(f"--dtype must be one of {', '.join(PRECISIONS)}, not {self.dtype!r}")
+
+
+def generate(req: GenerateRequest) -> int:
+    """Write ``req.out``; returns the number of showers. The rows are those ``hpc_calo.sample`` gives."""
+    if req.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {req.device}: no CUDA device is available")
+    if req.threads > 0:
+        torch.set_num_threads(req.threads)
+    dtype, matmul_dtype = resolve(req.dtype)
+    chain = Chain.load(req.run, req.device, dtype, req.students, matmul_dtype=matmul_dtype,
+                       renormalise=req.renormalise)
+    if req.energies is not None:
+        e_inc = reference_energies(req.energies, chain.geometry, req.showers)
     else:
-        e_inc = chain.random_energies(args.showers, args.seed)
+        assert req.showers is not None
+        e_inc = chain.random_energies(req.showers, req.seed)
     n = len(e_inc)
-    attrs = {"generator": "hpc-calo iCaloFlow", "run": str(args.run.resolve()), "seed": args.seed,
-             "students": str(chain.students), "renormalise": args.renormalise}
-    with CaloWriter(args.out, chain.geometry, n_total=n, attrs=attrs) as w, tqdm(
-        total=n, unit="shower", desc="generate", disable=args.no_progress, file=sys.stderr
+    attrs = {"generator": "hpc-calo iCaloFlow", "run": str(Path(req.run).resolve()), "seed": req.seed,
+             "students": str(chain.students), "renormalise": req.renormalise}
+    with CaloWriter(req.out, chain.geometry, n_total=n, attrs=attrs) as w, tqdm(
+        total=n, unit="shower", desc="generate", disable=not req.progress, file=sys.stderr
     ) as bar:
-        for a, showers in chain.sample_iter(e_inc, args.seed, args.batch_size):
+
+        def write(batch: tuple[int, np.ndarray]) -> None:
+            a, showers = batch
             w.write(e_inc[a : a + len(showers)], showers)
             bar.update(len(showers))
-    print(f"wrote {n} {chain.geometry.name} showers to {args.out}")
+
+        # gzip and the disk in the writer thread while the chain generates the next batch
+        write_behind(chain.sample_iter(e_inc, req.seed, req.batch_size), write)
+    return n
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    req = GenerateRequest(
+        run=args.run, out=args.out, showers=args.showers, energies=args.energies, batch_size=args.batch_size,
+        seed=args.seed, device=args.device, dtype=args.dtype,
+        students={"auto": None, "yes": True, "no": False}[args.students], renormalise=args.renormalise,
+        threads=args.threads,
+        progress=not args.no_progress,
+    )
+    print(f"wrote {generate(req)} showers to {req.out}")
     return 0
 
 

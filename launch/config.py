@@ -22,6 +22,8 @@ from typing import Any
 from data_prep.download import OFFICIAL, default_data_dir, download_command
 from hpc_calo.atomic import atomic_path
 from hpc_calo.errors import UserError
+from hpc_calo.precision import PRECISIONS
+from hpc_calo.seeding import DEFAULT_SEED
 
 STAGES = ("prep", "teacher", "student", "sample", "evaluate")
 # What a per-flow training budget may name, and the units a budget may be given in.
@@ -71,7 +73,7 @@ class PipelineConfig:
     data_dir: str | None = None  # where --data and --reference default to the official file names
     showers: int | None = None  # production size (default: the reference's size)
     preset: str = "tiny"
-    seed: int = 1
+    seed: int = DEFAULT_SEED
     val_fraction: float = 0.1
     prep_ranks: int = 2
     workers: int = 1  # Ray Train workers for the flow-3 teacher and student
@@ -83,6 +85,16 @@ class PipelineConfig:
     budget: dict[str, dict[str, float]] = field(default_factory=dict)
     eval_epochs: int = 50  # classifier epochs of the evaluation (official: 50)
     resources: Resources = field(default_factory=Resources)
+    # Where every computing stage runs: cpu or cuda; None: cuda when resources.gpus_per_node > 0, else cpu.
+    device: str | None = None
+    dtype: str = "float32"  # model precision of training and sampling: float32 or float64
+    sample_dtype: str | None = None  # production precision (adds bf16); None: dtype
+    amp: str = "off"  # GPU training mixed precision: off, tf32 or bf16 (never on a CPU)
+    threads: int | None = None  # torch CPU threads per process; None: each command's default
+
+    @property
+    def compute_device(self) -> str:
+        return self.device or ("cuda" if self.resources.gpus_per_node else "cpu")
 
     @property
     def root(self) -> Path:
@@ -140,7 +152,24 @@ class PipelineConfig:
                 raise UserError(f"budget {name}: {unit} must be a positive {kind}, not {amount!r}")
         if self.sample_backend not in ("local", "mpi", "ray"):
             raise UserError(f"--sample-backend must be local, mpi or ray, not {self.sample_backend!r}")
+        if self.device not in (None, "cpu", "cuda"):
+            raise UserError(f"--device must be cpu or cuda, not {self.device!r}")
+        if self.dtype not in ("float32", "float64"):
+            raise UserError(f"--dtype must be float32 or float64, not {self.dtype!r}")
+        if self.sample_dtype not in (None, *PRECISIONS):
+            raise UserError(f"--sample-dtype must be one of {', '.join(PRECISIONS)}, not {self.sample_dtype!r}")
+        if self.amp not in ("off", "tf32", "bf16"):
+            raise UserError(f"--amp must be off, tf32 or bf16, not {self.amp!r}")
+        if self.amp != "off" and (self.compute_device != "cuda" or self.dtype != "float32"):
+            raise UserError(f"--amp {self.amp} needs --device cuda and --dtype float32")
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"--threads must be positive, not {self.threads}")
         self.resources.minutes()
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PipelineConfig:
+        """The inverse of ``asdict`` (a saved config.json, a SLURM job's argument)."""
+        return cls(**{**d, "resources": Resources(**d["resources"])})
 
     def save(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

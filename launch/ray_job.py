@@ -10,6 +10,7 @@ actors. The data directory and ``--out`` must be on storage every node sees.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from collections.abc import Sequence
@@ -17,20 +18,17 @@ from collections.abc import Sequence
 from hpc_calo.errors import run_cli
 from launch import stages
 from launch.config import STAGES, explain
-from launch.submit import build_parser, config_from_args
+from launch.submit import DESCRIPTION, add_pipeline_arguments, config_from_args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    parser.prog = "python -m launch.ray_job"
-    parser.set_defaults(cluster="local")
-    for action in parser._actions:
-        if action.dest == "cluster":
-            action.required = False
+    parser = argparse.ArgumentParser(prog="python -m launch.ray_job", description=DESCRIPTION,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_pipeline_arguments(parser)
+    # On a Ray cluster production fans out over Ray actors unless asked otherwise.
+    parser.set_defaults(sample_backend="ray")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    if args.sample_backend is None:
-        args.sample_backend = "ray"
     cfg, sources = config_from_args(args)
     # Inside `ray job submit` Ray sets RAY_ADDRESS; "auto" also finds a head started on this machine.
     address = os.environ.get("RAY_ADDRESS", "auto")
@@ -41,15 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"would run on the Ray cluster at {address}: {' -> '.join(selected)}")
         return 0
     cfg.save()
-    stages.clean_partial(cfg)
-    for stage in selected:
-        print(f"== {stage} ==", flush=True)
-        if stage in ("teacher", "student"):
-            getattr(stages, stage)(cfg, address=address)
-        elif stage == "sample":
-            stages.sample(cfg, address=address)
-        else:
-            getattr(stages, stage)(cfg)
+    stages.run_stages(cfg, selected, stages.Where(address=address))
     print(f"production file: {cfg.path('production')}")
     print(f"report:          {cfg.path('report') / 'report.md'}")
     return 0

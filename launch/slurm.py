@@ -18,16 +18,12 @@ from typing import Any
 import submitit
 
 from launch import stages
-from launch.config import PipelineConfig, Resources
+from launch.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
 DONE_STATES = {"COMPLETED"}
 FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
-
-
-def _config_from_dict(d: dict[str, Any]) -> PipelineConfig:
-    return PipelineConfig(**{**d, "resources": Resources(**d["resources"])})
 
 
 class StageJob(submitit.helpers.Checkpointable):
@@ -38,37 +34,30 @@ class StageJob(submitit.helpers.Checkpointable):
 
     def __call__(self, cfg_dict: dict[str, Any]) -> str:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-        cfg = _config_from_dict(cfg_dict)
+        cfg = PipelineConfig.from_dict(cfg_dict)
         env = submitit.JobEnvironment()
-        multi_task = env.num_tasks > 1
-        if self.stage == "prep":
-            stages.prep(cfg, mpi=multi_task)
-        elif self.stage in ("teacher", "student"):
-            self._train(cfg, env)
-        elif self.stage == "sample":
-            stages.sample(cfg, mpi=multi_task)
-        elif self.stage == "evaluate":
-            stages.evaluate(cfg)
+        if stages.REGISTRY[self.stage].ray:
+            self._with_ray(cfg, env)
         else:
-            raise ValueError(f"unknown stage {self.stage}")
+            stages.run(self.stage, cfg, stages.Where(mpi=env.num_tasks > 1))
         # The work is done: a checkpoint signal that lands now (while submitit pickles the result or the
         # interpreter shuts down, when Python's handler is gone) would kill the task and fail a finished job.
         signal.signal(getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG), signal.SIG_IGN)
         return self.stage
 
-    def _train(self, cfg: PipelineConfig, env: submitit.JobEnvironment) -> None:
-        run = getattr(stages, self.stage)
+    def _with_ray(self, cfg: PipelineConfig, env: submitit.JobEnvironment) -> None:
+        """Training stages: a Ray cluster inside the allocation when several nodes or workers train flow-3."""
         if env.num_nodes == 1 and cfg.workers == 1:
-            run(cfg)
+            stages.run(self.stage, cfg)
             return
         from launch.ray_cluster import ray_in_allocation
 
         with ray_in_allocation(
             hostnames=list(env.hostnames), rank=env.global_rank, job_id=str(env.job_id),
-            done_dir=cfg.path("logs"), cpus=cfg.resources.cpus_per_task, gpus=cfg.resources.gpus_per_node,
+            done_dir=cfg.path("logs"), cpus=cfg.resources.cpus_per_task, gpus=_gpus(cfg, self.stage),
         ) as address:
             if address is not None:
-                run(cfg, address=address)
+                stages.run(self.stage, cfg, stages.Where(address=address))
 
 
 @dataclass
@@ -78,20 +67,22 @@ class Planned:
     nodes: int
     mpi: bool
     checkpointable: bool
+    gpus: int
+
+
+def _gpus(cfg: PipelineConfig, stage: str) -> int:
+    """GPUs per node of a stage's job: only for stages that compute, and only when they compute on a GPU."""
+    if not stages.REGISTRY[stage].gpu or cfg.compute_device != "cuda":
+        return 0
+    return cfg.resources.gpus_per_node or 1
 
 
 def plan(cfg: PipelineConfig, selected: list[str]) -> list[Planned]:
-    res = cfg.resources
     out = []
-    for stage in selected:
-        if stage == "prep":
-            out.append(Planned(stage, cfg.prep_ranks, 1, True, False))
-        elif stage in ("teacher", "student"):
-            out.append(Planned(stage, 1, res.nodes, False, True))
-        elif stage == "sample" and cfg.sample_backend == "mpi":
-            out.append(Planned(stage, cfg.sample_workers, res.nodes, True, False))
-        else:
-            out.append(Planned(stage, 1, 1, False, False))
+    for name in selected:
+        stage = stages.REGISTRY[name]
+        tasks = stage.tasks(cfg)
+        out.append(Planned(name, tasks, stage.nodes(cfg), tasks > 1, stage.ray, _gpus(cfg, name)))
     return out
 
 
@@ -111,8 +102,8 @@ def _executor(cfg: PipelineConfig, p: Planned, dependency: str | None) -> submit
         "slurm_signal_delay_s": res.signal_delay_s,
         "slurm_additional_parameters": extra,
     }
-    if res.gpus_per_node and p.stage in ("teacher", "student", "sample"):
-        params["gpus_per_node"] = res.gpus_per_node
+    if p.gpus:
+        params["gpus_per_node"] = p.gpus
     if res.mem_gb:
         params["mem_gb"] = res.mem_gb
     for key, value in (("slurm_partition", res.partition), ("slurm_account", res.account),
@@ -126,11 +117,11 @@ def _executor(cfg: PipelineConfig, p: Planned, dependency: str | None) -> submit
 
 
 def describe(cfg: PipelineConfig, planned: list[Planned]) -> str:
-    lines = [f"{'stage':9} {'nodes':>5} {'tasks/node':>10} {'time':>9}  kind"]
+    lines = [f"{'stage':9} {'nodes':>5} {'tasks/node':>10} {'gpus/node':>9} {'time':>9}  kind"]
     for p in planned:
         kind = "MPI (srun --mpi=pmi2)" if p.mpi else ("Ray in allocation, requeue+resume" if p.checkpointable
                                                        else "single task")
-        lines.append(f"{p.stage:9} {p.nodes:>5} {p.tasks_per_node:>10} {cfg.resources.time:>9}  {kind}")
+        lines.append(f"{p.stage:9} {p.nodes:>5} {p.tasks_per_node:>10} {p.gpus:>9} {cfg.resources.time:>9}  {kind}")
     lines.append("each stage depends on the previous one (afterok; a failure cancels the rest)")
     return "\n".join(lines)
 

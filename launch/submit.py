@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
-import time
 from collections.abc import Sequence
 from typing import Any
 
 from hpc_calo.errors import UserError, run_cli
+from hpc_calo.precision import PRECISIONS
+from hpc_calo.seeding import DEFAULT_SEED
 from launch import stages
 from launch.config import STAGES, PipelineConfig, explain, load_file, resolve, site_file
 
@@ -25,18 +26,23 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action) if action.default is not None else action.help or ""
 
 
+DESCRIPTION = (
+    "Run the iCaloFlow pipeline: prep (synthetic data, Zarr pair store) -> teacher (flows 1-3) -> "
+    "student (distilled flows 2-3) -> sample (production HDF5) -> evaluate (report). Re-running with "
+    "the same --out resumes: finished stages are skipped, interrupted ones continue."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m launch.submit",
-        description=(
-            "Run the iCaloFlow pipeline: prep (synthetic data, Zarr pair store) -> teacher (flows 1-3) -> "
-            "student (distilled flows 2-3) -> sample (production HDF5) -> evaluate (report). Re-running with "
-            "the same --out resumes: finished stages are skipped, interrupted ones continue."
-        ),
-        formatter_class=_Help,
-    )
+    p = argparse.ArgumentParser(prog="python -m launch.submit", description=DESCRIPTION, formatter_class=_Help)
     p.add_argument("--cluster", choices=("local", "slurm"), required=True,
                    help="local: run here, stage after stage; slurm: submit dependent jobs with submitit")
+    add_pipeline_arguments(p)
+    return p
+
+
+def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
+    """Every pipeline setting as a flag (shared with ``launch.ray_job``); None means not given."""
     p.add_argument("--dataset", choices=("ds2", "ds3"), help="CaloChallenge dataset geometry")
     p.add_argument("--out", help="run folder (config, data, store, models, production file, report, logs); "
                                  "default runs/<dataset>-<preset>")
@@ -66,7 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prep-ranks", type=int, help="MPI ranks of the store conversion")
     p.add_argument("--sample-backend", choices=("local", "mpi", "ray"), help="how production fans out")
     p.add_argument("--sample-workers", type=int, help="sampler workers (MPI ranks or Ray actors)")
-    p.add_argument("--seed", type=int, help="seed of every stage")
+    p.add_argument("--seed", type=int, help=f"seed of every stage (default {DEFAULT_SEED})")
+    p.add_argument("--device", choices=("cpu", "cuda"),
+                   help="where training, sampling and the evaluation classifiers run (default: cuda when "
+                        "--gpus-per-node > 0, else cpu)")
+    p.add_argument("--dtype", choices=("float32", "float64"), help="model precision of training and sampling")
+    p.add_argument("--sample-dtype", choices=PRECISIONS, help="production precision (default: --dtype)")
+    p.add_argument("--amp", choices=("off", "tf32", "bf16"), help="GPU training mixed precision (default off)")
+    p.add_argument("--threads", type=int, help="torch CPU threads per process (default: each command's own)")
     p.add_argument("--config", metavar="FILE",
                    help="TOML or JSON file with any of these settings ([resources] table for the SLURM ones); "
                         "it overrides the site file ($HPC_CALO_CONFIG, else ~/.config/hpc-calo/config.toml)")
@@ -85,7 +98,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print every resolved setting and where it came from, and what would run or be "
                         "submitted, and stop")
     p.add_argument("--no-wait", action="store_true", help="slurm: submit and return without following")
-    return p
 
 
 def parse_budget(text: str) -> tuple[str, dict[str, float]]:
@@ -108,7 +120,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[PipelineConfig, dict[str
     flags: dict[str, Any] = {
         k: getattr(args, k) for k in ("dataset", "out", "data", "synthetic", "reference", "data_dir", "showers",
                                       "preset", "epochs", "eval_epochs", "workers", "prep_ranks", "sample_backend",
-                                      "sample_workers", "seed")
+                                      "sample_workers", "seed", "device", "dtype", "sample_dtype", "amp", "threads")
     }
     flags["budget"] = dict(args.budget) if args.budget else None
     flags["resources"] = {k: getattr(args, k) for k in ("nodes", "gpus_per_node", "cpus_per_task", "partition",
@@ -116,17 +128,6 @@ def config_from_args(args: argparse.Namespace) -> tuple[PipelineConfig, dict[str
                                                          "max_requeues")}
     layers.append(("flag", flags))
     return resolve(layers)
-
-
-def run_local(cfg: PipelineConfig, selected: list[str]) -> None:
-    stages.clean_partial(cfg)
-    total = time.perf_counter()
-    for stage in selected:
-        t0 = time.perf_counter()
-        print(f"== {stage} ==", flush=True)
-        getattr(stages, stage)(cfg)
-        print(f"== {stage} done in {time.perf_counter() - t0:.0f} s ==", flush=True)
-    print(f"pipeline done in {time.perf_counter() - total:.0f} s")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -157,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"would run on this machine: {' -> '.join(selected)}")
             return 0
         cfg.save()
-        run_local(cfg, selected)
+        stages.run_stages(cfg, selected)
     print(f"production file: {cfg.path('production')}")
     print(f"report:          {cfg.path('report') / 'report.md'}")
     return 0

@@ -27,9 +27,10 @@ from torch import nn
 
 from data_prep.convert import main as convert
 from hpc_calo import rundir
-from hpc_calo.train.__main__ import build_job, build_parser
+from hpc_calo.train.__main__ import parse_request
 from hpc_calo.train.checkpoint import load_checkpoint
 from hpc_calo.train.distributed import RayConfig, run_ray
+from hpc_calo.train.job import build_job
 from hpc_calo.train.loop import _derived_seed, fit
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -69,7 +70,7 @@ def train_args(store: Path, out: Path, flow: int, *extra: str) -> list[str]:
 
 
 def job_for(store: Path, out: Path, flow: int, *extra: str) -> Any:
-    return build_job(build_parser().parse_args(train_args(store, out, flow, *extra)))
+    return build_job(parse_request(train_args(store, out, flow, *extra)))
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -189,15 +190,15 @@ def test_distillation_two_workers_one_step_equals_one_worker_on_the_union_batch(
     the global RNG, which ``_SameNoise`` replays per rank. The teacher is an untrained flow-3 (any frozen
     teacher will do for the comparison); the checkpoints hold the student alone.
     """
-    from hpc_calo.distill.__main__ import build_job as build_distill
-    from hpc_calo.distill.__main__ import build_parser as distill_parser
+    from hpc_calo.distill.__main__ import parse_request as parse_distill
+    from hpc_calo.distill.job import build_job as build_distill
 
     run = tmp_path / "run"
     teacher = job_for(store, run, 3)
     teacher.prepare()  # run.json
     teacher.make_model().save(rundir.weights_in(teacher.out_dir))
     argv = ["--run", str(run), "--flow", "3", "--seed", str(SEED), "--log-every", "1000", *STEP_ARGS]
-    job = build_distill(distill_parser().parse_args(argv))
+    job = build_distill(parse_distill(argv))
     summary = run_ray(job, RayConfig(workers=2, memory_gb_per_worker=STEP_MEMORY_GB))
     assert summary["global_step"] == 1 and summary["world_size"] == 2
     ray_ck = load_checkpoint(rundir.checkpoint_in(job.out_dir))
@@ -287,8 +288,9 @@ _HELD_CLI = """
 import dataclasses, json, os, sys, time
 from pathlib import Path
 from hpc_calo.errors import run_cli
-from hpc_calo.train.__main__ import build_job, build_parser
-from hpc_calo.train.distributed import ray_config, run_ray
+from hpc_calo.train.__main__ import parse_request
+from hpc_calo.train.distributed import run_ray
+from hpc_calo.train.job import build_job
 
 class Hold:
     def __init__(self, rank, step, folder):
@@ -307,9 +309,9 @@ class Hold:
 
 def main(argv):
     rank, step, folder = argv[0].split(":", 2)
-    args = build_parser().parse_args(argv[1:])
+    req = parse_request(argv[1:])
     hook = Hold(int(rank), int(step), folder)
-    print(json.dumps(run_ray(build_job(args), dataclasses.replace(ray_config(args), step_hook=hook))))
+    print(json.dumps(run_ray(build_job(req), dataclasses.replace(req.ray, step_hook=hook))))
 
 run_cli(main, sys.argv[1:])
 """

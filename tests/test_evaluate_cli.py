@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from hpc_calo.errors import run_cli
-from hpc_calo.evaluate import EvalConfig, evaluate
+from hpc_calo.evaluate import EvaluateRequest, evaluate
 from hpc_calo.evaluate.__main__ import main
 from hpc_calo.geometry import DS2
 from hpc_calo.io import CaloFile, CaloWriter
@@ -48,7 +48,7 @@ def halves(synthetic, tmp_path_factory) -> dict[str, Path]:
 
 
 def _run(gen: Path, ref: Path, out: Path) -> dict:
-    cfg = EvalConfig(
+    cfg = EvaluateRequest(
         gen=gen,
         ref=ref,
         dataset="ds2",
@@ -93,7 +93,7 @@ def test_a_copy_shifted_by_one_layer_is_caught(halves, tmp_path) -> None:
 def test_a_copy_with_energies_scaled_by_1_1_is_caught(halves, tmp_path) -> None:
     # Histograms only: the test-sized classifier (1200 training showers, ~100 steps) does not learn the
     # 0.04 offset between log10 E_tot and log10 E_inc; the layer-shift test covers the classifier.
-    cfg = EvalConfig(
+    cfg = EvaluateRequest(
         gen=halves["scaled"], ref=halves["a"], dataset="ds2", out=tmp_path / "rep", metrics=("hist",), plots=False
     )
     r = evaluate(cfg)

@@ -314,6 +314,83 @@ def test_ray_job_submit_against_local_head(tmp_path: Path) -> None:
         _stop_head(temp)
 
 
+# --- the stage registry ----------------------------------------------------------------------------------------
+
+# Which stages compute with each pipeline setting, and the request field that carries it.
+USES = {
+    "device": ("device", "cuda", {"teacher", "student", "sample", "evaluate"}),
+    "dtype": ("dtype", "float64", {"teacher", "student", "sample"}),
+    "threads": ("threads", 3, {"teacher", "student", "sample", "evaluate"}),
+    "seed": ("seed", 7, {"teacher", "student", "sample", "evaluate"}),
+    "epochs": ("epochs", 2, {"teacher", "student"}),
+    "eval_epochs": ("epochs", 4, {"evaluate"}),
+    "workers": ("workers", 2, {"teacher", "student"}),
+    "sample_workers": ("workers", 5, {"sample"}),
+}
+
+
+def _fields(obj: object) -> list[tuple[str, object]]:
+    """Every (name, value) of a request, through nested requests (options, Ray config, launch)."""
+    import dataclasses
+
+    out = []
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        value = getattr(obj, f.name)
+        out.append((f.name, value))
+        if dataclasses.is_dataclass(value):
+            out += _fields(value)
+    return out
+
+
+def test_every_setting_reaches_every_stage_that_uses_it(tmp_path: Path) -> None:
+    from launch import stages
+
+    flags = {setting: value for setting, (_, value, _) in USES.items()}
+    cfg = resolve([("flag", {"dataset": "ds2", "out": str(tmp_path / "o"), "synthetic": 500, "showers": 100,
+                             **flags, "resources": {}})])[0]
+    for name, stage in stages.REGISTRY.items():
+        steps = stage.steps(cfg, stages.Where())
+        assert steps, name
+        fields = [_fields(s.request) for s in steps]
+        for setting, (field, value, users) in USES.items():
+            if name not in users:
+                continue
+            carried = [v for fs in fields for k, v in fs if k == field]
+            assert value in carried, f"{setting} does not reach {name}: {steps}"
+            if setting not in ("epochs", "workers"):  # epochs/workers fields of other settings share the name
+                assert all(v == value for v in carried), f"{name} resolves another {setting}: {carried}"
+    # Flow-3 trains on Ray Train workers with one GPU each (ScalingConfig(use_gpu=True)); flows 1-2 in-process.
+    teacher = stages.REGISTRY["teacher"].steps(cfg, stages.Where())
+    assert [s.request.ray is not None for s in teacher] == [False, False, True]
+    assert teacher[2].request.ray.use_gpu and teacher[2].request.ray.workers == 2
+    # Inside an MPI job the sampler runs as every rank (each picks the GPU of its local rank).
+    (mpi_sample,) = stages.REGISTRY["sample"].steps(cfg, stages.Where(mpi=True))
+    assert mpi_sample.request.launch.backend == "mpi" and mpi_sample.request.request.device == "cuda"
+    # A flow's own budget wins over the pipeline's epochs, for that flow only.
+    budgeted = resolve([("flag", {"dataset": "ds2", "out": str(tmp_path / "o"), "synthetic": 500, "epochs": 2,
+                                  "budget": {"flow3_student": {"steps": 9}}, "resources": {}})])[0]
+    students = [s.request.options for s in stages.REGISTRY["student"].steps(budgeted, stages.Where())]
+    assert [(o.epochs, o.steps) for o in students] == [(2, None), (None, 9)]
+
+
+def test_device_defaults_and_gpus_only_for_stages_that_use_them(tmp_path: Path) -> None:
+    from launch import slurm, stages
+
+    base = {"dataset": "ds2", "out": str(tmp_path / "o"), "synthetic": 500, "showers": 100}
+    cpu = resolve([("flag", {**base, "resources": {}})])[0]
+    assert cpu.compute_device == "cpu" and cpu.seed == 0  # one default seed, every command's
+    gpu = resolve([("flag", {**base, "resources": {"gpus_per_node": 4}})])[0]
+    assert gpu.compute_device == "cuda"
+    (evaluate,) = stages.REGISTRY["evaluate"].steps(gpu, stages.Where())
+    assert evaluate.request.device == "cuda"
+    planned = {p.stage: p.gpus for p in slurm.plan(gpu, list(stages.REGISTRY))}
+    assert planned == {"prep": 0, "teacher": 4, "student": 4, "sample": 4, "evaluate": 4}
+    on_cpu = resolve([("flag", {**base, "device": "cpu", "resources": {"gpus_per_node": 4}})])[0]
+    assert {p.gpus for p in slurm.plan(on_cpu, list(stages.REGISTRY))} == {0}
+    with pytest.raises(UserError, match="--amp bf16 needs"):
+        resolve([("flag", {**base, "amp": "bf16", "resources": {}})])[0]
+
+
 @pytest.mark.integration
 @pytest.mark.skip(reason="flaky after another local head in the same pytest process: its `ray job submit` then "
                          "fails inside the CLI; passes on its own (python -m pytest tests/test_launch.py -k "

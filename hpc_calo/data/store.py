@@ -210,6 +210,7 @@ class ShardedLoader:
         world_size: int = 1,
         memory_gb: float = 2.0,
         seed: int = 0,
+        pin_memory: bool = False,
     ) -> None:
         if kind not in ("energies", "layer0", "pairs"):
             raise UserError(f"unknown batch kind {kind!r}: choose energies, layer0 or pairs")
@@ -220,6 +221,7 @@ class ShardedLoader:
         self.store, self.split, self.kind = store, split, kind
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.epoch = seed, 0
+        self.pin_memory = pin_memory  # page-locked batches: the training loop's GPU copies run asynchronously
         n = store.n(split)
         self.shard_size = n // world_size
         if self.shard_size == 0:
@@ -350,4 +352,5 @@ class ShardedLoader:
 
         batches = self._preloaded() if self.mode == "preload" else self._streamed()
         for b in batches:
-            yield {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in b.items()}
+            out = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in b.items()}
+            yield {k: v.pin_memory() for k, v in out.items()} if self.pin_memory else out

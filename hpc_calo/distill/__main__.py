@@ -3,51 +3,19 @@
 The teacher is ``RUN_DIR/flow{k}/best.pt``; the student trains in ``RUN_DIR/flow{k}_student/`` through the
 same training loop (``hpc_calo.train.loop.fit``) and, with ``--workers``, the same Ray Train path as the
 teachers. Its ``best.pt`` is the student with the lowest validation KL; the generation chain picks it up.
+The command parses into a :class:`hpc_calo.distill.job.DistillRequest` and calls ``distill``.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import torch
-
-from hpc_calo import rundir
-from hpc_calo.data.store import open_store
-from hpc_calo.distill.pdd import DistillModel, PDDConfig
-from hpc_calo.errors import UserError, run_cli
-from hpc_calo.flows.presets import get_preset
-from hpc_calo.models import FlowModel, load_flow_model
-from hpc_calo.train.__main__ import Job, add_training_arguments, execute, train_config
-
-
-@dataclass
-class DistillJob(Job):
-    """A training Job whose model is teacher + student (``make_model``); loaders and run folder as for training."""
-
-    pdd: PDDConfig = field(default_factory=PDDConfig)
-
-    @property
-    def teacher_path(self) -> Path:
-        return rundir.weights(self.run_dir, self.flow)
-
-    def describe(self) -> str:
-        return f"{self.geometry.name} preset {self.preset}: distilling {self.teacher_path}"
-
-    def model_meta(self) -> dict[str, Any]:
-        """What a resumed checkpoint must match: the distillation's identity, not the bare student's."""
-        return self.make_model().meta()
-
-    def make_model(self) -> DistillModel:  # type: ignore[override]
-        dtype = self.cfg.torch_dtype
-        teacher = load_flow_model(self.teacher_path, "cpu", dtype, dataset=self.geometry.name, flow=self.flow)
-        torch.manual_seed(self.cfg.seed)  # the same initial student on every rank
-        student = FlowModel.from_preset(self.flow, self.geometry, self.preset, student=True).to(dtype)
-        return DistillModel(teacher, student, self.pdd)
+from hpc_calo.distill.job import DistillRequest, distill
+from hpc_calo.errors import run_cli
+from hpc_calo.train.args import add_training_arguments, ray_config, training_options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,57 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_job(args: argparse.Namespace) -> DistillJob:
-    """Validate the run folder, teacher and store; no file is written here."""
-    run = rundir.read_run(args.run)
-    preset = get_preset(run["preset"])
-    teacher = rundir.weights(args.run, args.flow)
-    if not teacher.is_file():
-        raise UserError(f"{args.run}: no trained flow-{args.flow} teacher ({teacher}); train it first")
-    store_path = args.store or (Path(run["store"]) if run.get("store") else None)
-    if store_path is None:
-        raise UserError(f"{args.run}: run.json records no store; pass --store")
-    store = open_store(store_path)
-    if store.geometry.name != run["dataset"]:
-        raise UserError(f"{store_path}: a {store.geometry.name} store, but the run is {run['dataset']}")
-    if not 0.0 <= args.beta <= 1.0:
-        raise UserError(f"--beta must lie in [0, 1], not {args.beta}")
-    cfg = train_config(args, preset, f"flow-{args.flow}-student", student=True)
-    energy_range = store.energy_range()
-    return DistillJob(args.flow, run["preset"], Path(store_path), store.geometry, Path(args.run), cfg, args.memory_gb,
-                      student=True, energy_range=energy_range, extra={"pdd": {"beta": args.beta}},
-                      pdd=PDDConfig(beta=args.beta))
-
-
-def report_quality(job: DistillJob, n: int) -> dict[str, Any]:
-    """Score the saved best student against its teacher (hpc_calo.distill.diagnose) and record it."""
-    from hpc_calo.distill.diagnose import diagnose
-
-    teacher = load_flow_model(job.teacher_path, dataset=job.geometry.name, flow=job.flow)
-    student = load_flow_model(rundir.weights_in(job.out_dir), dataset=job.geometry.name, flow=job.flow)
-    train, val = job.make_loaders(0, 1)
-    result = diagnose(teacher, student, val if val is not None else train, n, seed=job.cfg.seed)
-    rundir.write_json(rundir.diagnostics_in(job.out_dir), result)
-
-    def f(key: str) -> str:
-        return "n/a" if result[key] is None else f"{result[key]:.2f}"
-
-    print(f"[{job.cfg.name}] quality on {result['samples']} rows: teacher log-likelihood of student samples "
-          f"{f('teacher_loglik_student_samples')}, of its own samples {f('teacher_loglik_teacher_samples')}, of the "
-          f"data {f('teacher_loglik_data')}; student-vs-teacher AUC {result['student_vs_teacher_auc']:.3f}",
-          file=sys.stderr)
-    return result
+def parse_request(argv: Sequence[str] | None = None) -> DistillRequest:
+    args = build_parser().parse_args(argv)
+    return DistillRequest(run=args.run, flow=args.flow, store=args.store, beta=args.beta,
+                          diagnostic_samples=args.diagnostic_samples, options=training_options(args),
+                          ray=ray_config(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.diagnostic_samples < 0:
-        raise UserError(f"--diagnostic-samples must be >= 0, not {args.diagnostic_samples}")
-    job = build_job(args)
-    code = execute(job, args)
-    if args.diagnostic_samples and rundir.weights_in(job.out_dir).is_file():
-        report_quality(job, args.diagnostic_samples)
-    return code
+    print(json.dumps(distill(parse_request(argv))))
+    return 0
 
 
 if __name__ == "__main__":

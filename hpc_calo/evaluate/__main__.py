@@ -8,8 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hpc_calo.errors import run_cli
-from hpc_calo.evaluate.config import METRIC_HELP, METRICS, EvalConfig
+from hpc_calo.evaluate.config import METRIC_HELP, METRICS, EvaluateRequest
 from hpc_calo.evaluate.pipeline import evaluate
+from hpc_calo.seeding import DEFAULT_SEED
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", default=",".join(METRICS), help=f"comma-separated subset of {','.join(METRICS)}")
     p.add_argument("--device", default="cpu", help="cpu or cuda: where the classifiers train (default cpu)")
     p.add_argument("--epochs", type=int, default=50, help="classifier epochs (official: 50)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the splits, initialisation, shuffling, FPD/KPD")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                   help=f"seed for the splits, initialisation, shuffling, FPD/KPD (default {DEFAULT_SEED})")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads of the classifiers, 0: torch's default")
     p.add_argument("--cls-hidden", type=int, default=2048, help="classifier width (official: 2048)")
     p.add_argument("--cls-batch", type=int, default=1000, help="classifier batch size (official: 1000)")
     p.add_argument("--buffer-mb", type=int, default=512, help="classifier shuffle buffer in MiB (bounds memory)")
@@ -41,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    cfg = EvalConfig(
+    cfg = EvaluateRequest(
         gen=a.gen,
         ref=a.ref,
         dataset=a.dataset,
@@ -50,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device=a.device,
         epochs=a.epochs,
         seed=a.seed,
+        threads=a.threads,
         cls_hidden=a.cls_hidden,
         cls_batch=a.cls_batch,
         buffer_mb=a.buffer_mb,

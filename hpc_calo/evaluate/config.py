@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpc_calo.errors import UserError
+from hpc_calo.seeding import DEFAULT_SEED
 
 METRICS = ("hist", "cls-low", "cls-high", "cls-boost", "fpd")
 METRIC_HELP = {
@@ -20,7 +21,7 @@ METRIC_HELP = {
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvaluateRequest:
     gen: Path
     ref: Path
     dataset: str
@@ -28,7 +29,8 @@ class EvalConfig:
     metrics: tuple[str, ...] = METRICS
     device: str = "cpu"
     epochs: int = 50
-    seed: int = 0
+    seed: int = DEFAULT_SEED
+    threads: int = 0  # torch CPU threads of the classifiers; 0: torch's default
     cls_hidden: int = 2048
     cls_batch: int = 1000
     buffer_mb: int = 512
@@ -42,6 +44,8 @@ class EvalConfig:
             raise UserError(f"--metrics: unknown {', '.join(bad)}; choose from {', '.join(METRICS)}")
         if self.cls_hidden < 1 or self.cls_batch < 1:
             raise UserError("--cls-hidden and --cls-batch must be >= 1")
+        if self.threads < 0:
+            raise UserError(f"--threads must be >= 0, not {self.threads}")
         if self.epochs < 1:
             raise UserError(f"--epochs: must be >= 1, got {self.epochs}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):

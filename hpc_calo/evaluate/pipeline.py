@@ -18,7 +18,7 @@ from hpc_calo.errors import UserError
 from hpc_calo.evaluate import plots
 from hpc_calo.evaluate.boost import boost_score
 from hpc_calo.evaluate.classifier import ClassifierConfig, ClassifierData, LowLevelWriter, SplitPlan, train_and_score
-from hpc_calo.evaluate.config import EvalConfig
+from hpc_calo.evaluate.config import EvaluateRequest
 from hpc_calo.evaluate.distances import FPDConfig, KPDConfig, fpd, kpd
 from hpc_calo.evaluate.energies import compare_incident_energies
 from hpc_calo.evaluate.features import (
@@ -58,7 +58,7 @@ def _checked_steps(result: dict[str, object]) -> dict[str, object]:
     return result
 
 
-def _cls_config(cfg: EvalConfig) -> ClassifierConfig:
+def _cls_config(cfg: EvaluateRequest) -> ClassifierConfig:
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
     return ClassifierConfig(
@@ -98,9 +98,11 @@ def group_summary(hists: list[HistResult]) -> dict[str, dict[str, float]]:
     return out
 
 
-def evaluate(cfg: EvalConfig) -> dict[str, object]:
+def evaluate(cfg: EvaluateRequest) -> dict[str, object]:
     """Run the evaluation and write REPORT_DIR atomically; return the report dictionary."""
     t_start = time.perf_counter()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     geo = get_geometry(cfg.dataset)
     if not cfg.out.parent.exists():
         raise UserError(f"{cfg.out}: parent directory {cfg.out.parent} does not exist")

@@ -291,33 +291,38 @@ def compiled_spline() -> Callable[..., torch.Tensor]:
 class CudaGraphSampler:
     """Replays a captured CUDA graph of a (compiled or plain) sampler for one fixed batch size.
 
-    GPU only (guarded): sampling at a fixed large batch is launch-bound without it. Inputs are copied into
-    static buffers; the returned tensor is the static output buffer (copy it before the next call).
+    GPU only (guarded): sampling is launch-bound without it (``Chain.use_cuda_graphs`` wraps every flow). Inputs
+    are copied into static buffers; the returned tensor is the static output buffer (copy it before the next
+    call).
     """
 
     def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch: int, features: int,
                  context: int, dtype: torch.dtype, device: torch.device) -> None:
         if not torch.cuda.is_available() or torch.device(device).type != "cuda":
             raise RuntimeError("CudaGraphSampler needs a CUDA device")
-        self.z = torch.zeros(batch, features, dtype=dtype, device=device)
-        self.c = torch.zeros(batch, context, dtype=dtype, device=device)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.no_grad():
-            for _ in range(3):  # warm-up (and compilation) outside the capture
-                fn(self.z, self.c)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.no_grad():
-            self.out = fn(self.z, self.c)
+        # Streams and capture belong to the current device: make it the tensors' (an MPI rank's cuda:k).
+        self.device = torch.device(device)
+        with torch.cuda.device(self.device):
+            self.z = torch.zeros(batch, features, dtype=dtype, device=self.device)
+            self.c = torch.zeros(batch, context, dtype=dtype, device=self.device)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream), torch.no_grad():
+                for _ in range(3):  # warm-up (and compilation) outside the capture
+                    fn(self.z, self.c)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph), torch.no_grad():
+                self.out = fn(self.z, self.c)
         self.batch = batch
 
     def __call__(self, z: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if z.shape[0] != self.batch:
             raise ValueError(f"captured for batch {self.batch}, got {z.shape[0]}")
-        self.z.copy_(z)
-        self.c.copy_(context)
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            self.z.copy_(z)
+            self.c.copy_(context)
+            self.graph.replay()
         return self.out
 
 

@@ -6,11 +6,12 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from hpc_calo.errors import UserError, run_cli
+from hpc_calo.errors import run_cli
 from hpc_calo.precision import PRECISION_HELP, PRECISIONS, add_renormalise_argument
-from hpc_calo.sample.backends import BACKENDS
-from hpc_calo.sample.job import Launch, Output
+from hpc_calo.sample.backends import BACKENDS, sample
+from hpc_calo.sample.job import Launch, Output, SampleRequest
 from hpc_calo.sample.plan import Request
+from hpc_calo.seeding import DEFAULT_SEED
 
 
 def parser() -> argparse.ArgumentParser:
@@ -39,7 +40,9 @@ def parser() -> argparse.ArgumentParser:
         help="showers per shard, the unit of work and of resumption (default: ~256 MB of showers: DS2 10000, "
         "DS3 1000); part of the request: changing it changes the output",
     )
-    p.add_argument("--seed", type=int, default=0, help="request seed; shard i uses SeedSequence(seed).spawn()[i]")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                   help="request seed; row i's randomness depends on (seed, i) only, so the output equals "
+                   f"python -m hpc_calo.generate's for the same seed (default {DEFAULT_SEED})")
     p.add_argument(
         "--energies",
         type=Path,
@@ -85,20 +88,17 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_request(argv: Sequence[str] | None = None) -> SampleRequest:
     args = parser().parse_args(argv)
-    if args.workers is not None and args.workers <= 0:
-        raise UserError(f"--workers must be positive, not {args.workers}")
     # Absolute paths: Ray actors and MPI ranks may start in another working directory.
-    for name in ("run", "out", "energies", "parts_dir"):
-        if getattr(args, name) is not None:
-            setattr(args, name, getattr(args, name).absolute())
+    absolute = {k: None if getattr(args, k) is None else getattr(args, k).absolute()
+                for k in ("run", "out", "energies", "parts_dir")}
     request = Request(
-        run_dir=args.run,
+        run_dir=absolute["run"],
         n=args.showers,
         seed=args.seed,
         shard_size=args.shard_size,
-        energies=args.energies,
+        energies=absolute["energies"],
         emin=args.emin,
         emax=args.emax,
         batch_size=args.batch_size,
@@ -106,10 +106,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         dtype=args.dtype,
         students=False if args.teachers else None,
         renormalise=args.renormalise,
+        threads=args.threads,
     )
-    output = Output(path=args.out, parts_dir=args.parts_dir, keep_parts=args.keep_parts, compression=args.compression)
+    output = Output(path=absolute["out"], parts_dir=absolute["parts_dir"], keep_parts=args.keep_parts,
+                    compression=args.compression)
     launch = Launch(backend=args.backend, workers=args.workers, address=args.address, progress=not args.no_progress)
-    outcome = BACKENDS[args.backend](request, output, launch)
+    return SampleRequest(request, output, launch)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    outcome = sample(parse_request(argv))
     if outcome is not None:
         print(outcome.line())
     return 0

@@ -21,7 +21,7 @@ from typing import Any
 from hpc_calo.errors import UserError
 from hpc_calo.mpi import plan_on_rank0
 from hpc_calo.ray_session import ray_session
-from hpc_calo.sample.job import Launch, Outcome, Output, finish, precheck, prepare, progress_bar
+from hpc_calo.sample.job import Launch, Outcome, Output, SampleRequest, finish, precheck, prepare, progress_bar
 from hpc_calo.sample.plan import Plan, Request
 from hpc_calo.sample.worker import Worker, load_chain, torch_threads
 
@@ -226,3 +226,8 @@ BACKENDS: dict[str, Callable[[Request, Output, Launch], Outcome | None]] = {
     "ray": run_ray,
     "mpi": run_mpi,
 }
+
+
+def sample(req: SampleRequest) -> Outcome | None:
+    """Run a production on its backend; the Outcome (MPI: on rank 0, None on the other ranks)."""
+    return BACKENDS[req.launch.backend](req.request, req.output, req.launch)

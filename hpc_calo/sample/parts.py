@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from hpc_calo.atomic import atomic_path
+from hpc_calo.background import write_behind
 from hpc_calo.errors import UserError
 from hpc_calo.io import CaloWriter
 from hpc_calo.sample.plan import Plan, Shard
@@ -116,16 +117,20 @@ class PartsDir:
         digest = hashlib.sha256(np.ascontiguousarray(energies, dtype="<f8").data)
         # Uncompressed: parts are temporary and the gather re-chunks (and compresses) anyway.
         with CaloWriter(part, plan.geometry, n_total=shard.count, compression="none") as w:
-            for showers in batches:
+
+            def write(showers: np.ndarray) -> None:
                 showers = np.ascontiguousarray(showers, dtype="<f4")
                 a = w.n_written
                 w.write(energies[a : a + len(showers)], showers)
                 digest.update(showers.data)
+
+            # The writer thread writes and hashes batch k while the caller generates batch k + 1.
+            write_behind(batches, write)
         record = {
             "shard": shard.index,
             "start": shard.start,
             "count": shard.count,
-            "seed": shard.seed,
+            "seed": plan.request.seed,
             "sha256": digest.hexdigest(),
             "bytes": part.stat().st_size,
             "fingerprint": plan.fingerprint,

@@ -4,9 +4,9 @@ Everything that decides the bits of the output is in the :class:`Request`, the r
 incident energies; the plan derives from them alone, so every backend and every worker count produces the
 same shards, and a re-run can tell its own leftover parts from another request's by the fingerprint.
 
-Randomness: shard ``i`` owns ``SeedSequence(seed).spawn(n_shards)[i]`` (its spawn key is ``(i,)``, so a
-shard's stream does not depend on how many shards there are). The chain seed is the first 32-bit word of
-that sequence; log-uniform incident energies come from its child ``(i, 0)``, so the two never share a stream.
+Randomness follows the one seeding rule of ``hpc_calo.seeding``: the random numbers of output row ``i`` depend
+on ``(seed, i)`` only, so a shard generates its rows ``start..stop`` exactly as ``python -m hpc_calo.generate``
+would generate them in a single pass, whatever the shard size, worker count or backend.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from hpc_calo.errors import UserError
 from hpc_calo.geometry import Geometry, get_geometry
 from hpc_calo.io import CaloFile
 from hpc_calo.precision import PRECISIONS
+from hpc_calo.seeding import DEFAULT_SEED, log_uniform_energies
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: rows seeded by their global index (hpc_calo.seeding)
 # A shard is generated in one call and held in memory once, so its default size keeps it near this.
 SHARD_BYTES = 256 * 2**20
 # Relative slack when comparing a requested energy range with the trained one (float round trips).
@@ -39,7 +40,7 @@ class Request:
 
     run_dir: Path
     n: int
-    seed: int = 0
+    seed: int = DEFAULT_SEED
     shard_size: int | None = None  # None: default_shard_size(geometry)
     energies: Path | None = None  # take the first n incident energies of this CaloChallenge file
     emin: float | None = None  # log-uniform range in MeV; None: the trained range
@@ -75,7 +76,6 @@ class Shard:
     index: int
     start: int  # first row in the output file
     count: int
-    seed: int  # the chain's seed for this shard
 
     @property
     def stop(self) -> int:
@@ -108,18 +108,7 @@ class Plan:
         if path is not None:
             with h5py.File(path, "r") as f:
                 return np.asarray(f["incident_energies"][shard.start : shard.stop, 0], dtype=np.float64)
-        ss = shard_sequence(self.request.seed, shard.index)
-        rng = np.random.default_rng(np.random.SeedSequence(ss.entropy, spawn_key=(*ss.spawn_key, 0)))
-        return np.exp(rng.uniform(math.log(self.emin), math.log(self.emax), shard.count))
-
-
-def shard_sequence(seed: int, index: int) -> np.random.SeedSequence:
-    # Equal to SeedSequence(seed).spawn(n)[index] for any n > index, without building the whole list.
-    return np.random.SeedSequence(seed, spawn_key=(index,))
-
-
-def chain_seed(seed: int, index: int) -> int:
-    return int(shard_sequence(seed, index).generate_state(1)[0])
+        return log_uniform_energies(self.request.seed, shard.start, shard.stop, self.emin, self.emax)
 
 
 def default_shard_size(geometry: Geometry) -> int:
@@ -168,7 +157,7 @@ def make_plan(req: Request, geometry: Geometry, energy_range: tuple[float, float
     emin, emax, source = _energy_source(req, geometry, lo, hi)
     size = min(req.shard_size or default_shard_size(geometry), req.n)
     shards = tuple(
-        Shard(index=i, start=a, count=min(size, req.n - a), seed=chain_seed(req.seed, i))
+        Shard(index=i, start=a, count=min(size, req.n - a))
         for i, a in enumerate(range(0, req.n, size))
     )
     description: dict[str, Any] = {

@@ -61,6 +61,7 @@ class Worker:
         shard = self.plan.shards[index]
         energies = self.plan.energies(shard)
         # Batch by batch straight into the part file: worker memory follows --batch-size, not the shard size.
-        batches = (s for _, s in self.chain.sample_iter(energies, shard.seed, self.plan.request.batch_size))
+        batches = (s for _, s in self.chain.sample_iter(energies, self.plan.request.seed, self.plan.request.batch_size,
+                                                        start=shard.start))
         self.parts.write(self.plan, shard, energies, batches)
         return shard.count

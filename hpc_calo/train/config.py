@@ -11,6 +11,8 @@ import torch
 from hpc_calo.errors import UserError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# Mixed precision on a GPU: off; tf32 (float32 GEMMs on the tensor cores); bf16 (autocast of the forward pass).
+AMP_MODES = ("off", "tf32", "bf16")
 
 
 @dataclass
@@ -36,6 +38,7 @@ class TrainConfig:
     log_every: int = 50  # steps between progress lines / metrics records
     dtype: str = "float32"  # or "float64" (the reference precision)
     device: str = "cpu"  # "cpu" or "cuda" (the current CUDA device of the worker)
+    amp: str = "off"  # AMP_MODES; GPU only, never a CPU default
     num_threads: int = 0  # torch intra-op threads; 0 leaves torch's default
     max_steps: int | None = None  # stop after this global step as if killed (tests, smoke runs)
     name: str = "train"  # prefix of progress lines
@@ -51,6 +54,12 @@ class TrainConfig:
             raise UserError(f"minutes must be positive, not {self.minutes}")
         if not (self.max_lr > 0 and math.isfinite(self.max_lr)):
             raise UserError(f"learning rate must be positive, not {self.max_lr}")
+        if self.device not in ("cpu", "cuda"):
+            raise UserError(f"device must be cpu or cuda, not {self.device!r}")
+        if self.amp not in AMP_MODES:
+            raise UserError(f"--amp must be one of {', '.join(AMP_MODES)}, not {self.amp!r}")
+        if self.amp != "off" and (self.device != "cuda" or self.dtype != "float32"):
+            raise UserError(f"--amp {self.amp} needs --device cuda and --dtype float32")
         if self.checkpoint_every < 1 or self.log_every < 1:
             raise UserError("checkpoint_every and log_every must be positive")
 

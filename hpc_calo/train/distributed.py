@@ -26,7 +26,6 @@ must be on storage every node sees (NFS, Lustre): rank 0 may land on another nod
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import socket
@@ -52,7 +51,7 @@ LOADER_MEMORY_SHARE = 0.75
 
 
 class TrainJob(Protocol):
-    """What a worker needs (``hpc_calo.train.__main__.Job`` and the distillation job provide it)."""
+    """What a worker needs (``hpc_calo.train.job.Job`` and the distillation job provide it)."""
 
     cfg: TrainConfig
 
@@ -63,7 +62,8 @@ class TrainJob(Protocol):
 
     def make_model(self) -> nn.Module: ...
 
-    def make_loaders(self, rank: int = 0, world_size: int = 1, memory_gb: float | None = None) -> tuple[Any, Any]: ...
+    def make_loaders(self, rank: int = 0, world_size: int = 1, memory_gb: float | None = None,
+                     pin: bool | None = None) -> tuple[Any, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
         num_threads=job.cfg.num_threads or max(1, int(ray_cfg.cpus_per_worker)),
     )
     memory = None if ray_cfg.memory_gb_per_worker is None else ray_cfg.memory_gb_per_worker * LOADER_MEMORY_SHARE
-    train, val = job.make_loaders(rank, world, memory)
+    train, val = job.make_loaders(rank, world, memory, pin=device.type == "cuda")
 
     shard = [getattr(train, "start", None), getattr(train, "stop", None)]
     mode = getattr(train, "mode", "?")
@@ -175,52 +175,6 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
         result["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     result.update(world_size=world, steps_per_epoch=len(train), loader_mode=mode)
     return result
-
-
-# ----------------------------------------------------------------------------------------------- command line
-
-
-def add_ray_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags that send a training command through Ray Train (shared by train and distill CLIs)."""
-    g = p.add_argument_group(
-        "distributed training (Ray Train)",
-        "Given --workers or --address, the job runs data-parallel on Ray Train workers (DDP: NCCL on GPUs, gloo "
-        "on CPUs) with the same loop; --batch-size stays the GLOBAL batch, split evenly over the workers.",
-    )
-    g.add_argument("--workers", type=int, default=None,
-                   help="number of Ray Train workers (DDP ranks); without it (and --address) train in this process")
-    g.add_argument("--gpus-per-worker", type=float, default=0.0,
-                   help="GPUs reserved per worker; > 0 trains on them with NCCL (default 0: CPU with gloo)")
-    g.add_argument("--cpus-per-worker", type=float, default=1.0,
-                   help="CPUs reserved per worker; also its torch thread count (default 1)")
-    g.add_argument("--memory-gb-per-worker", type=float, default=None,
-                   help=f"memory reserved per worker in GB; {LOADER_MEMORY_SHARE * 100:.0f}%% of it is the worker's "
-                        "data budget (preload its shard if it fits, else stream). Default: no reservation, "
-                        "the loaders use --memory-gb")
-    g.add_argument("--address", default=None,
-                   help="Ray cluster to attach to (host:port or 'auto'); default: RAY_ADDRESS when set (inside a "
-                        "Ray job), else start a local Ray")
-    g.add_argument("--max-failures", type=int, default=0,
-                   help="worker-group restarts after a worker dies, each resuming from the last checkpoint "
-                        "(-1: no limit; default 0)")
-    g.add_argument("--run-name", default=None,
-                   help="name of Ray's run record under RUN_DIR/ray/ (default: <run folder>-<flow folder>); the "
-                        "training state itself resumes from RUN_DIR whatever the name")
-
-
-def ray_config(args: argparse.Namespace) -> RayConfig | None:
-    """The RayConfig the flags ask for, or None for the single-process path."""
-    if args.workers is None and args.address is None:
-        return None
-    return RayConfig(
-        workers=args.workers or 1,
-        gpus_per_worker=args.gpus_per_worker,
-        cpus_per_worker=args.cpus_per_worker,
-        memory_gb_per_worker=args.memory_gb_per_worker,
-        address=args.address,
-        max_failures=args.max_failures,
-        run_name=args.run_name,
-    )
 
 
 # ----------------------------------------------------------------------------------------------- driver

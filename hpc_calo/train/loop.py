@@ -194,7 +194,21 @@ def fit(
     runs on every rank at each epoch end; ``before_step(global_step)`` before each optimisation step. Returns
     best_val, last_val, global_step, epochs, stopped (True when ``cfg.max_steps`` cut the run short),
     skipped_steps (non-finite gradients) and train_s.
+    ``cfg.amp``: tf32 runs the float32 GEMMs on TF32 tensor cores for the duration of the call (the process's
+    setting is restored after: sampling in the same process stays float32); bf16 autocasts the forward pass.
     """
+    previous = torch.get_float32_matmul_precision()
+    if cfg.amp == "tf32":
+        torch.set_float32_matmul_precision("high")
+    try:
+        return _fit(model, train_loader, val_loader, cfg, out_dir, rank, world_size, report, before_step)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _fit(model: nn.Module, train_loader: Any, val_loader: Any, cfg: TrainConfig, out_dir: Path, rank: int,
+         world_size: int, report: Callable[[dict], None] | None,
+         before_step: Callable[[int], None] | None) -> dict[str, Any]:
     out_dir = Path(out_dir)
     is_rank0 = rank == 0
     if is_rank0:
@@ -202,6 +216,7 @@ def fit(
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     device, dtype = _device(cfg), cfg.torch_dtype
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
     raw: nn.Module = getattr(model, "module", model)
     if raw is model:
         model.to(device=device, dtype=dtype)
@@ -292,7 +307,8 @@ def fit(
                 before_step(global_step)
             b = to_device(batch, device, dtype)
             rows = _rows(b)
-            loss = model(b)
+            with autocast:
+                loss = model(b)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(params, clip)

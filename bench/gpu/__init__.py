@@ -1,0 +1,1 @@
+"""GPU check and benchmarks (bench/gpu/check.sh)."""
