@@ -91,6 +91,9 @@ class PipelineConfig:
     sample_dtype: str | None = None  # production precision (adds bf16); None: dtype
     amp: str = "off"  # GPU training mixed precision: off, tf32 or bf16 (never on a CPU)
     threads: int | None = None  # torch CPU threads per process; None: each command's default
+    # Training processes at a time on one machine: the teachers (flows 1-3), then the two students, are
+    # independent of each other, so with jobs > 1 they run side by side, each with (cores / jobs) threads.
+    jobs: int = 1
 
     @property
     def compute_device(self) -> str:
@@ -132,6 +135,8 @@ class PipelineConfig:
     def validate(self) -> None:
         if bool(self.data) == bool(self.synthetic):
             raise UserError("give exactly one of --data FILES or --synthetic N")
+        if self.jobs < 1:
+            raise UserError(f"--jobs must be at least 1, not {self.jobs}")
         if self.synthetic is not None and self.synthetic < 100:
             raise UserError("--synthetic needs at least 100 showers")
         if self.data and not self.reference:

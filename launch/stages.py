@@ -11,6 +11,7 @@ resumes (the converter, the training loop and the sampler all resume by themselv
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -52,6 +53,7 @@ class Stage:
     nodes: Callable[[PipelineConfig], int]
     ray: bool  # flow-3 training goes through Ray Train (a Ray cluster inside a multi-node SLURM job)
     gpu: bool  # computes on cfg.compute_device (SLURM asks GPUs for it only then)
+    independent: bool = False  # no step needs another's output: with cfg.jobs > 1 they run side by side
 
 
 # ---- requests from the configuration ------------------------------------------------------------------------
@@ -59,6 +61,14 @@ class Stage:
 
 def _threads(cfg: PipelineConfig, default: int) -> int:
     return default if cfg.threads is None else cfg.threads
+
+
+def _training_threads(cfg: PipelineConfig) -> int:
+    """Per training process: the cores shared out between side-by-side jobs (oversubscribed torch threads make
+    training many times slower); 0, torch's own choice, for a single job."""
+    if cfg.jobs == 1:
+        return _threads(cfg, 0)
+    return _threads(cfg, max(1, len(os.sched_getaffinity(0)) // cfg.jobs))
 
 
 def _ray(cfg: PipelineConfig, where: Where) -> Any:
@@ -77,7 +87,7 @@ def _training_options(cfg: PipelineConfig, flow: int, student: bool = False) -> 
 
     budget = {unit: n if unit == "minutes" else int(n) for unit, n in cfg.budget_for(flow, student).items()}
     return TrainingOptions(**budget, seed=cfg.seed, device=cfg.compute_device, dtype=cfg.dtype, amp=cfg.amp,
-                           threads=_threads(cfg, 0))
+                           threads=_training_threads(cfg))
 
 
 def _prep_steps(cfg: PipelineConfig, where: Where) -> list[Step]:
@@ -105,13 +115,14 @@ def _synthesize(req: Any) -> None:
 
 
 def _teacher_steps(cfg: PipelineConfig, where: Where) -> list[Step]:
-    """Flows 1 and 2 in this process; flow-3 (the big one) through Ray Train when there are several workers."""
+    """Flows 1 and 2 in this process; flow-3 (the big one) through Ray Train when there are several workers.
+    Flow-3 first: side by side, the longest job starts at once and the short ones share the other cores."""
     from hpc_calo.train.job import TrainRequest, train
 
     return [Step(train, TrainRequest(flow=flow, store=cfg.path("store"), preset=cfg.preset, out=cfg.path("run"),
                                      options=_training_options(cfg, flow),
                                      ray=_ray(cfg, where) if flow == 3 else None))
-            for flow in (1, 2, 3)]
+            for flow in (3, 1, 2)]
 
 
 def _student_steps(cfg: PipelineConfig, where: Where) -> list[Step]:
@@ -121,7 +132,7 @@ def _student_steps(cfg: PipelineConfig, where: Where) -> list[Step]:
     return [Step(distill, DistillRequest(run=cfg.path("run"), flow=flow, store=cfg.path("store"),
                                          options=_training_options(cfg, flow, student=True),
                                          ray=_ray(cfg, where) if flow == 3 else None))
-            for flow in (2, 3)]
+            for flow in (3, 2)]
 
 
 def _sample_steps(cfg: PipelineConfig, where: Where) -> list[Step]:
@@ -195,9 +206,9 @@ REGISTRY: dict[str, Stage] = {s.name: s for s in (
     Stage("prep", _prep_steps, lambda c: [*([c.path("data")] if c.synthetic else []), c.path("store")],
           tasks=lambda c: c.prep_ranks, nodes=lambda c: 1, ray=False, gpu=False),
     Stage("teacher", _teacher_steps, lambda c: _flows(c, (1, 2, 3), False),
-          tasks=lambda c: 1, nodes=lambda c: c.resources.nodes, ray=True, gpu=True),
+          tasks=lambda c: 1, nodes=lambda c: c.resources.nodes, ray=True, gpu=True, independent=True),
     Stage("student", _student_steps, lambda c: _flows(c, (2, 3), True),
-          tasks=lambda c: 1, nodes=lambda c: c.resources.nodes, ray=True, gpu=True),
+          tasks=lambda c: 1, nodes=lambda c: c.resources.nodes, ray=True, gpu=True, independent=True),
     Stage("sample", _sample_steps, lambda c: [c.path("production")],
           tasks=lambda c: c.sample_workers if c.sample_backend == "mpi" else 1,
           nodes=lambda c: c.resources.nodes if c.sample_backend == "mpi" else 1, ray=False, gpu=True),
@@ -218,7 +229,11 @@ def run(name: str, cfg: PipelineConfig, where: Where = Where()) -> None:
     if ranks > 1 and not where.mpi and _spawn_mpi(name, cfg, ranks):
         return
     if not where.mpi:
-        for step in stage.steps(cfg, where):
+        steps = stage.steps(cfg, where)
+        if stage.independent and cfg.jobs > 1 and len(steps) > 1:
+            _side_by_side(steps, cfg.jobs)
+            return
+        for step in steps:
             _call(step)
         return
     from mpi4py import MPI
@@ -237,6 +252,22 @@ def run(name: str, cfg: PipelineConfig, where: Where = Where()) -> None:
 def _call(step: Step) -> None:
     log.info("running %s.%s(%s)", step.fn.__module__, step.fn.__name__, step.request)
     step.fn(step.request)
+
+
+def _side_by_side(steps: list[Step], jobs: int) -> None:
+    """Each step in its own process, ``jobs`` at a time, in the given order. A failed step does not stop the
+    others (they checkpoint and finish, so a re-run has less to do); the first failure is raised after."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: this process may hold threads (torch's pools, Ray) that a forked child would inherit locked.
+    with ProcessPoolExecutor(max_workers=min(jobs, len(steps)), mp_context=multiprocessing.get_context("spawn"),
+                             max_tasks_per_child=1) as pool:
+        futures = [pool.submit(_call, step) for step in steps]
+        errors = [f.exception() for f in futures]
+    for err in errors:
+        if err is not None:
+            raise err
 
 
 def _spawn_mpi(name: str, cfg: PipelineConfig, ranks: int) -> bool:

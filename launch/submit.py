@@ -80,6 +80,8 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-dtype", choices=PRECISIONS, help="production precision (default: --dtype)")
     p.add_argument("--amp", choices=("off", "tf32", "bf16"), help="GPU training mixed precision (default off)")
     p.add_argument("--threads", type=int, help="torch CPU threads per process (default: each command's own)")
+    p.add_argument("--jobs", type=int, help="training processes at a time on one machine (default 1): the "
+                   "three teachers, then the two students, side by side, each with cores/JOBS threads")
     p.add_argument("--config", metavar="FILE",
                    help="TOML or JSON file with any of these settings ([resources] table for the SLURM ones); "
                         "it overrides the site file ($HPC_CALO_CONFIG, else ~/.config/hpc-calo/config.toml)")
@@ -120,7 +122,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[PipelineConfig, dict[str
     flags: dict[str, Any] = {
         k: getattr(args, k) for k in ("dataset", "out", "data", "synthetic", "reference", "data_dir", "showers",
                                       "preset", "epochs", "eval_epochs", "workers", "prep_ranks", "sample_backend",
-                                      "sample_workers", "seed", "device", "dtype", "sample_dtype", "amp", "threads")
+                                      "sample_workers", "seed", "device", "dtype", "sample_dtype", "amp", "threads",
+                                      "jobs")
     }
     flags["budget"] = dict(args.budget) if args.budget else None
     flags["resources"] = {k: getattr(args, k) for k in ("nodes", "gpus_per_node", "cpus_per_task", "partition",

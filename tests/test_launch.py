@@ -142,7 +142,8 @@ def test_the_bare_slurm_command_takes_the_official_files_and_the_site_resources(
 @pytest.mark.integration
 def test_local_pipeline_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "local"
-    r = submit("--cluster", "local", *TINY, "--out", str(out))
+    # Two jobs: the teachers, then the students, train side by side in their own processes.
+    r = submit("--cluster", "local", *TINY, "--out", str(out), "--jobs", "2")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert_pipeline_outputs(out)
     # Re-running the same command finds everything done and changes nothing.
@@ -360,17 +361,36 @@ def test_every_setting_reaches_every_stage_that_uses_it(tmp_path: Path) -> None:
             if setting not in ("epochs", "workers"):  # epochs/workers fields of other settings share the name
                 assert all(v == value for v in carried), f"{name} resolves another {setting}: {carried}"
     # Flow-3 trains on Ray Train workers with one GPU each (ScalingConfig(use_gpu=True)); flows 1-2 in-process.
-    teacher = stages.REGISTRY["teacher"].steps(cfg, stages.Where())
-    assert [s.request.ray is not None for s in teacher] == [False, False, True]
-    assert teacher[2].request.ray.use_gpu and teacher[2].request.ray.workers == 2
+    teacher = {s.request.flow: s.request for s in stages.REGISTRY["teacher"].steps(cfg, stages.Where())}
+    assert {k: r.ray is not None for k, r in teacher.items()} == {1: False, 2: False, 3: True}
+    assert teacher[3].ray.use_gpu and teacher[3].ray.workers == 2
     # Inside an MPI job the sampler runs as every rank (each picks the GPU of its local rank).
     (mpi_sample,) = stages.REGISTRY["sample"].steps(cfg, stages.Where(mpi=True))
     assert mpi_sample.request.launch.backend == "mpi" and mpi_sample.request.request.device == "cuda"
     # A flow's own budget wins over the pipeline's epochs, for that flow only.
     budgeted = resolve([("flag", {"dataset": "ds2", "out": str(tmp_path / "o"), "synthetic": 500, "epochs": 2,
                                   "budget": {"flow3_student": {"steps": 9}}, "resources": {}})])[0]
-    students = [s.request.options for s in stages.REGISTRY["student"].steps(budgeted, stages.Where())]
-    assert [(o.epochs, o.steps) for o in students] == [(2, None), (None, 9)]
+    students = {s.request.flow: s.request.options for s in stages.REGISTRY["student"].steps(budgeted,
+                                                                                          stages.Where())}
+    assert {k: (o.epochs, o.steps) for k, o in students.items()} == {2: (2, None), 3: (None, 9)}
+
+
+def test_side_by_side_training_shares_the_cores(tmp_path: Path) -> None:
+    """--jobs N: training steps get cores/N threads each (oversubscribed torch threads collapse throughput),
+    flow-3 (the longest) starts first; one job keeps torch's own choice; --threads wins."""
+    from launch import stages
+
+    cores = len(os.sched_getaffinity(0))
+    base = {"dataset": "ds2", "out": str(tmp_path / "o"), "synthetic": 500, "resources": {}}
+    for jobs, threads, expected in ((1, None, 0), (2, None, max(1, cores // 2)), (2, 3, 3)):
+        cfg = resolve([("flag", {**base, "jobs": jobs, "threads": threads})])[0]
+        for name in ("teacher", "student"):
+            assert stages.REGISTRY[name].independent
+            steps = stages.REGISTRY[name].steps(cfg, stages.Where())
+            assert steps[0].request.flow == 3
+            assert {s.request.options.threads for s in steps} == {expected}, (name, jobs, threads)
+    with pytest.raises(UserError, match="--jobs"):
+        resolve([("flag", {**base, "jobs": 0})])[0].validate()
 
 
 def test_device_defaults_and_gpus_only_for_stages_that_use_them(tmp_path: Path) -> None:

@@ -32,6 +32,15 @@ def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.where(b > 0, a / b, np.nan)
 
 
+def _few_log_ticks(axis, small: bool) -> None:
+    # Matplotlib's default log minor ticks are ~10 tick objects per decade per axis; on the 90 small axes of a
+    # per-layer grid they made one figure take a minute.
+    from matplotlib.ticker import LogLocator, NullLocator
+
+    axis.set_major_locator(LogLocator(numticks=4 if small else 8))
+    axis.set_minor_locator(NullLocator())
+
+
 def _hist_pair(ax, rax, h: HistResult, title: str, small: bool) -> None:
     g, r = _unit(h.gen, h.edges), _unit(h.ref, h.edges)
     ax.stairs(r, h.edges, fill=True, alpha=0.3, color=_REF, label="REF")
@@ -44,11 +53,10 @@ def _hist_pair(ax, rax, h: HistResult, title: str, small: bool) -> None:
         a.set_xlim(h.edges[0], h.edges[-1])
         if log_x:
             a.set_xscale("log")
+            _few_log_ticks(a.xaxis, small)
     if h.group not in ("etot_einc", "sparsity") and r.max(initial=0) > 0:
-        from matplotlib.ticker import NullFormatter
-
         ax.set_yscale("log")
-        ax.yaxis.set_minor_formatter(NullFormatter())
+        _few_log_ticks(ax.yaxis, small)
     ax.tick_params(labelbottom=False, labelsize=5 if small else 9)
     rax.tick_params(labelsize=5 if small else 9)
     ax.set_title(f"{title}  S={h.separation_power:.3g}", fontsize=6 if small else 10)
