@@ -24,9 +24,13 @@ from tqdm import tqdm
 
 from hpc_calo import preprocess as pp
 from hpc_calo.errors import UserError, run_cli
+from hpc_calo.flags import non_negative_int, number, positive_int
 from hpc_calo.geometry import E_INC_MAX_MEV, E_INC_MIN_MEV, N_LAYERS, THRESHOLD_MEV, Geometry, get_geometry
 from hpc_calo.io import CaloFile, CaloWriter
+from hpc_calo.io.check import check_energies, check_trained_range
+from hpc_calo.io.hdf5 import MAX_SHOWERS, output_bytes
 from hpc_calo.models import FlowModel, load_flow_model
+from hpc_calo.outputs import CALO_FILE, claim, require_space
 from hpc_calo.precision import PRECISION_HELP, PRECISIONS, add_renormalise_argument, resolve
 from hpc_calo.train.checkpoint import read_run
 
@@ -180,14 +184,22 @@ class Chain:
         return lo * (hi / lo) ** u
 
 
-def reference_energies(path: Path, geometry: Geometry, n: int | None) -> np.ndarray:
-    """The first n (default all) incident energies of a CaloChallenge file, without reading its showers."""
+def reference_energies(path: Path, geometry: Geometry, n: int | None,
+                       trained: tuple[float, float] | None = None) -> np.ndarray:
+    """The first n (default all) incident energies of a CaloChallenge file, without reading its showers.
+
+    Checked as ``io check`` checks them and, given the ``trained`` range, refused where they reach outside it.
+    """
     with CaloFile(path, geometry) as f:
         total = len(f)
     if n is not None and n > total:
         raise UserError(f"{path}: has {total} showers, fewer than the {n} requested")
     with h5py.File(path, "r") as h5:
-        return np.asarray(h5["incident_energies"][: total if n is None else n, 0], dtype=np.float64)
+        e = np.asarray(h5["incident_energies"][: total if n is None else n, 0], dtype=np.float64)
+    check_energies(str(path), 0, e)
+    if trained is not None and len(e):
+        check_trained_range(str(path), float(e.min()), float(e.max()), trained)
+    return e
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,18 +208,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate showers with the trained flows of a run folder into a CaloChallenge HDF5 file.",
     )
     p.add_argument("--run", type=Path, required=True, help="run folder written by python -m hpc_calo.train")
-    p.add_argument("--showers", type=int, help="number of showers (default with --energies: all of the file's)")
+    p.add_argument("--showers", type=number(int, "--showers", 1, MAX_SHOWERS),
+                   help=f"number of showers, at most {MAX_SHOWERS:.0e} (default with --energies: all of the file's)")
     p.add_argument("--out", type=Path, required=True, help="output HDF5 file (appears only when complete)")
     p.add_argument("--energies", type=Path,
                    help="take the incident energies of this CaloChallenge file (its first N); default: log-uniform "
                         "over the trained range")
-    p.add_argument("--batch-size", type=int, default=1000, help="showers per batch (default 1000)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--batch-size", type=positive_int("--batch-size"), default=1000,
+                   help="showers per batch (default 1000)")
+    p.add_argument("--seed", type=non_negative_int("--seed"), default=0, help="random seed (default 0)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device (default cpu)")
     p.add_argument("--dtype", default="float32", choices=PRECISIONS, help=PRECISION_HELP)
     p.add_argument("--students", choices=("auto", "yes", "no"), default="auto",
                    help="flows 2/3: students where trained (auto), required (yes) or teachers (no)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0: torch's default")
+    p.add_argument("--threads", type=non_negative_int("--threads"), default=0,
+                   help="torch CPU threads, 0: torch's default")
     add_renormalise_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -217,8 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.showers is None and args.energies is None:
         raise UserError("give --showers N, or --energies REF.h5 to take its incident energies")
-    if args.showers is not None and args.showers < 1:
-        raise UserError(f"--showers must be positive, not {args.showers}")
+    claim(args.out, CALO_FILE, inputs=[args.run, args.energies])
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
     if args.threads > 0:
@@ -228,10 +242,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     chain = Chain.load(args.run, args.device, dtype, students, matmul_dtype=matmul_dtype,
                        renormalise=args.renormalise)
     if args.energies is not None:
-        e_inc = reference_energies(args.energies, chain.geometry, args.showers)
-    else:
-        e_inc = chain.random_energies(args.showers, args.seed)
-    n = len(e_inc)
+        e_inc = reference_energies(args.energies, chain.geometry, args.showers, chain.energy_range)
+    n = args.showers if args.energies is None else len(e_inc)
+    require_space((args.out.absolute().parent, output_bytes(chain.geometry, n)))
+    if args.energies is None:
+        e_inc = chain.random_energies(n, args.seed)
     attrs = {"generator": "hpc-calo iCaloFlow", "run": str(args.run.resolve()), "seed": args.seed,
              "students": str(chain.students), "renormalise": args.renormalise}
     with CaloWriter(args.out, chain.geometry, n_total=n, attrs=attrs) as w, tqdm(

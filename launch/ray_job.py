@@ -38,7 +38,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"would run on the Ray cluster at {address}: {' -> '.join(selected)}; run folder {cfg.root}")
         return 0
     cfg.save()
-    stages.clean_partial(cfg)
     for stage in selected:
         print(f"== {stage} ==", flush=True)
         if stage in ("teacher", "student"):

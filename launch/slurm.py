@@ -18,16 +18,12 @@ from typing import Any
 import submitit
 
 from launch import stages
-from launch.config import PipelineConfig, Resources
+from launch.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
 DONE_STATES = {"COMPLETED"}
 FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
-
-
-def _config_from_dict(d: dict[str, Any]) -> PipelineConfig:
-    return PipelineConfig(**{**d, "resources": Resources(**d["resources"])})
 
 
 class StageJob(submitit.helpers.Checkpointable):
@@ -38,7 +34,7 @@ class StageJob(submitit.helpers.Checkpointable):
 
     def __call__(self, cfg_dict: dict[str, Any]) -> str:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-        cfg = _config_from_dict(cfg_dict)
+        cfg = PipelineConfig.from_dict(cfg_dict)
         env = submitit.JobEnvironment()
         multi_task = env.num_tasks > 1
         if self.stage == "prep":

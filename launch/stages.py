@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -165,12 +164,3 @@ def evaluate(cfg: PipelineConfig) -> Path:
     _call(evaluate_main, [str(gen), str(ref), "--dataset", cfg.dataset, "--out", str(report),
                           "--epochs", str(cfg.eval_epochs), "--seed", str(cfg.seed)])
     return report
-
-
-def clean_partial(cfg: PipelineConfig) -> None:
-    """Remove temporary names that a killed stage may have left (complete outputs are never touched)."""
-    for tmp in cfg.root.rglob(".*.tmp-*"):
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from hpc_calo.errors import UserError, run_cli
+from hpc_calo.flags import non_negative_int, positive_int
 from launch import stages
 from launch.config import STAGES, PipelineConfig, load_file, resolve
 
@@ -35,33 +36,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", choices=(*STAGES, "all"), default="all", help="run one stage, or all of them")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", nargs="+", metavar="FILE", help="CaloChallenge training HDF5 files")
-    src.add_argument("--synthetic", type=int, metavar="N", help="make N synthetic training showers instead")
+    src.add_argument("--synthetic", type=positive_int("--synthetic"), metavar="N",
+                     help="make N synthetic training showers instead")
     p.add_argument("--reference", metavar="REF", help="held-out CaloChallenge file (needed with --data)")
-    p.add_argument("--showers", type=int, help="showers to produce (default: as many as the reference)")
+    p.add_argument("--showers", type=positive_int("--showers"),
+                   help="showers to produce (default: as many as the reference)")
     p.add_argument("--preset", help="model preset: tiny, small, or the reference ds2 / ds3 (default tiny)")
-    p.add_argument("--epochs", type=int, help="override the preset's epochs for every flow")
+    p.add_argument("--epochs", type=positive_int("--epochs"), help="override the preset's epochs for every flow")
     p.add_argument("--budget", action="append", metavar="FLOW=UNIT:N", type=_budget,
                    help="training budget of one flow, repeatable: FLOW is flow1, flow2, flow3, flow2_student or "
                         "flow3_student; UNIT is epochs, steps or minutes (e.g. --budget flow1=epochs:300 --budget "
                         "flow3=minutes:120). In a config file: [budget.flow3] minutes = 120. Re-running with a "
                         "larger budget extends that flow's training")
-    p.add_argument("--eval-epochs", type=int, help="classifier epochs in the evaluation (official 50)")
-    p.add_argument("--workers", type=int, help="Ray Train workers for flow-3 (teacher and student)")
-    p.add_argument("--prep-ranks", type=int, help="MPI ranks of the store conversion")
+    p.add_argument("--eval-epochs", type=positive_int("--eval-epochs"),
+                   help="classifier epochs in the evaluation (official 50)")
+    p.add_argument("--workers", type=positive_int("--workers"),
+                   help="Ray Train workers for flow-3 (teacher and student)")
+    p.add_argument("--prep-ranks", type=positive_int("--prep-ranks"), help="MPI ranks of the store conversion")
     p.add_argument("--sample-backend", choices=("local", "mpi", "ray"), help="how production fans out")
-    p.add_argument("--sample-workers", type=int, help="sampler workers (MPI ranks or Ray actors)")
-    p.add_argument("--seed", type=int, help="seed of every stage")
+    p.add_argument("--sample-workers", type=positive_int("--sample-workers"),
+                   help="sampler workers (MPI ranks or Ray actors)")
+    p.add_argument("--seed", type=non_negative_int("--seed"), help="seed of every stage")
     p.add_argument("--config", metavar="FILE", help="TOML or JSON file with any of these settings")
     slurm = p.add_argument_group("SLURM resources (per job)")
-    slurm.add_argument("--nodes", type=int, help="nodes of the training jobs (Ray spans them)")
-    slurm.add_argument("--gpus-per-node", type=int)
-    slurm.add_argument("--cpus-per-task", type=int)
-    slurm.add_argument("--partition")
-    slurm.add_argument("--account")
-    slurm.add_argument("--qos")
+    slurm.add_argument("--nodes", type=positive_int("--nodes"), help="nodes of the training jobs (Ray spans them)")
+    slurm.add_argument("--gpus-per-node", type=non_negative_int("--gpus-per-node"),
+                       help="GPUs per node of the training and sampling jobs (0: CPU)")
+    slurm.add_argument("--cpus-per-task", type=positive_int("--cpus-per-task"), help="CPUs of each task")
+    slurm.add_argument("--partition", help="SLURM partition(s), e.g. gpu (letters, digits, _ . - + and commas)")
+    slurm.add_argument("--account", help="SLURM account to charge (letters, digits, _ . - +)")
+    slurm.add_argument("--qos", help="SLURM quality of service (letters, digits, _ . - +)")
     slurm.add_argument("--time", metavar="HH:MM:SS", help="time limit of each job; training requeues past it")
-    slurm.add_argument("--signal-delay-s", type=int, help="checkpoint signal this long before the limit")
-    slurm.add_argument("--max-requeues", type=int, help="requeues a training job may use (default 20)")
+    slurm.add_argument("--signal-delay-s", type=non_negative_int("--signal-delay-s"),
+                       help="checkpoint signal this long before the limit")
+    slurm.add_argument("--max-requeues", type=non_negative_int("--max-requeues"),
+                       help="requeues a training job may use (default 20)")
     p.add_argument("--dry-run", action="store_true", help="print what would run or be submitted, and stop")
     p.add_argument("--no-wait", action="store_true", help="slurm: submit and return without following")
     return p
@@ -91,7 +100,6 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
 
 
 def run_local(cfg: PipelineConfig, selected: list[str]) -> None:
-    stages.clean_partial(cfg)
     total = time.perf_counter()
     for stage in selected:
         t0 = time.perf_counter()

@@ -21,6 +21,7 @@ from hpc_calo.atomic import atomic_path
 from hpc_calo.data.store import open_store
 from hpc_calo.distill.pdd import DistillModel, PDDConfig
 from hpc_calo.errors import UserError, run_cli
+from hpc_calo.flags import non_negative_int, number
 from hpc_calo.flows.presets import get_preset
 from hpc_calo.models import FlowModel, load_flow_model
 from hpc_calo.train.__main__ import Job, add_training_arguments, execute, flow_dir_name, train_config
@@ -64,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", type=Path, required=True, help="run folder holding the trained teacher flow<k>/best.pt")
     p.add_argument("--flow", type=int, required=True, choices=(2, 3), help="which flow's student (flow-1 stays a MAF)")
     p.add_argument("--store", type=Path, help="pair store (default: the one recorded in RUN_DIR/run.json)")
-    p.add_argument("--beta", type=float, default=0.5, help="weight of the x-pass; the z-pass gets 1-beta (default 0.5)")
-    p.add_argument("--diagnostic-samples", type=int, default=10_000,
+    p.add_argument("--beta", type=number(float, "--beta", 0, 1), default=0.5,
+                   help="weight of the x-pass; the z-pass gets 1-beta (default 0.5)")
+    p.add_argument("--diagnostic-samples", type=non_negative_int("--diagnostic-samples"), default=10_000,
                    help="after distilling, score the best student on this many validation rows: the teacher's "
                         "log-likelihood of student vs teacher samples and a student-vs-teacher classifier AUC "
                         "(written to flow<k>_student/diagnostics.json); 0: skip (default 10000)")
@@ -86,8 +88,6 @@ def build_job(args: argparse.Namespace) -> DistillJob:
     store = open_store(store_path)
     if store.geometry.name != run["dataset"]:
         raise UserError(f"{store_path}: a {store.geometry.name} store, but the run is {run['dataset']}")
-    if not 0.0 <= args.beta <= 1.0:
-        raise UserError(f"--beta must lie in [0, 1], not {args.beta}")
     cfg = train_config(args, preset, f"flow-{args.flow}-student", student=True)
     energy_range = store.energy_range()
     return DistillJob(args.flow, run["preset"], Path(store_path), store.geometry, Path(args.run), cfg, args.memory_gb,

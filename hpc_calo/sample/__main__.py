@@ -6,7 +6,9 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from hpc_calo.errors import UserError, run_cli
+from hpc_calo.errors import run_cli
+from hpc_calo.flags import non_negative_int, number, positive_float, positive_int
+from hpc_calo.io.hdf5 import MAX_SHOWERS
 from hpc_calo.precision import PRECISION_HELP, PRECISIONS, add_renormalise_argument
 from hpc_calo.sample.backends import BACKENDS
 from hpc_calo.sample.job import Launch, Output
@@ -24,7 +26,9 @@ def parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--run", required=True, type=Path, help="run directory (run.json, flow*/best.pt)")
-    p.add_argument("--showers", required=True, type=int, help="number of showers N to produce")
+    p.add_argument("--showers", required=True, type=number(int, "--showers", 1, MAX_SHOWERS),
+                   help=f"number of showers N to produce (at most {MAX_SHOWERS:.0e}); refused up front when the "
+                   "parts and the output would not fit in the free space")
     p.add_argument("--out", required=True, type=Path, help="output CaloChallenge HDF5 file")
     p.add_argument(
         "--backend",
@@ -34,12 +38,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--shard-size",
-        type=int,
+        type=positive_int("--shard-size"),
         default=None,
         help="showers per shard, the unit of work and of resumption (default: ~256 MB of showers: DS2 10000, "
         "DS3 1000); part of the request: changing it changes the output",
     )
-    p.add_argument("--seed", type=int, default=0, help="request seed; shard i uses SeedSequence(seed).spawn()[i]")
+    p.add_argument("--seed", type=non_negative_int("--seed"), default=0,
+                   help="request seed; shard i uses SeedSequence(seed).spawn()[i]")
     p.add_argument(
         "--energies",
         type=Path,
@@ -48,23 +53,24 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--emin",
-        type=float,
+        type=positive_float("--emin"),
         default=None,
         help="lower end (MeV) of log-uniform incident energies; default: the trained minimum",
     )
     p.add_argument(
         "--emax",
-        type=float,
+        type=positive_float("--emax"),
         default=None,
         help="upper end (MeV) of log-uniform incident energies; default: the trained maximum",
     )
-    p.add_argument("--batch-size", type=int, default=1000, help="showers per chain batch (part of the request)")
+    p.add_argument("--batch-size", type=positive_int("--batch-size"), default=1000,
+                   help="showers per chain batch (part of the request)")
     p.add_argument("--keep-parts", action="store_true", help="keep the parts directory after a successful gather")
     p.add_argument("--parts-dir", type=Path, default=None, help="parts directory (default: OUT.parts)")
     p.add_argument("--compression", choices=("gzip", "none"), default="gzip", help="compression of the output")
     p.add_argument(
         "--workers",
-        type=int,
+        type=positive_int("--workers"),
         default=None,
         help="local: processes (default 1); ray: actors (default one per GPU, or per CPU with --device cpu); "
         "mpi: ignored, the ranks are the workers",
@@ -72,7 +78,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda (Ray/MPI pick each worker's own GPU)")
     p.add_argument(
         "--threads",
-        type=int,
+        type=positive_int("--threads"),
         default=1,
         help="torch CPU threads per worker (default 1: one worker per core); part of the request, because "
         "results differ in the last bits with another thread count. Ray gives each actor this many CPUs",
@@ -87,8 +93,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.workers is not None and args.workers <= 0:
-        raise UserError(f"--workers must be positive, not {args.workers}")
     # Absolute paths: Ray actors and MPI ranks may start in another working directory.
     for name in ("run", "out", "energies", "parts_dir"):
         if getattr(args, name) is not None:
@@ -106,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         dtype=args.dtype,
         students=False if args.teachers else None,
         renormalise=args.renormalise,
+        threads=args.threads,
     )
     output = Output(path=args.out, parts_dir=args.parts_dir, keep_parts=args.keep_parts, compression=args.compression)
     launch = Launch(backend=args.backend, workers=args.workers, address=args.address, progress=not args.no_progress)

@@ -23,9 +23,11 @@ import hpc_calo
 from hpc_calo.atomic import atomic_path
 from hpc_calo.data.store import ShardedLoader, open_store
 from hpc_calo.errors import UserError, run_cli
+from hpc_calo.flags import non_negative_int, number, positive_float, positive_int
 from hpc_calo.flows.presets import PRESETS, Preset, get_preset
 from hpc_calo.geometry import Geometry
 from hpc_calo.models import FlowModel, flow_meta
+from hpc_calo.outputs import refuse_inputs, writable_parent
 from hpc_calo.train.checkpoint import RUN_FILE, RUN_FORMAT, check_meta, load_checkpoint, read_run
 from hpc_calo.train.config import DTYPES, TrainConfig
 from hpc_calo.train.distributed import add_ray_arguments, ray_config, run_ray
@@ -105,16 +107,22 @@ class Job:
 
     def prepare(self) -> None:
         """Check the run folder against this job and write run.json / config.json (driver or rank 0 only)."""
+        refuse_inputs(self.run_dir, [self.store_path])
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise UserError(f"{self.run_dir}: exists and is not a run folder; remove it or choose another --out")
+        if not self.run_dir.exists():
+            writable_parent(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         run_file = self.run_dir / RUN_FILE
         record = self.run_record()
         if run_file.exists():
             old = read_run(self.run_dir)
-            for key in ("dataset", "preset"):
+            # The flows of one run condition on each other's outputs: they must see the same data.
+            for key in ("dataset", "preset", "store"):
                 if old.get(key) != record[key]:
                     raise UserError(
                         f"{run_file}: this run folder holds a {key} {old.get(key)!r} run, not {record[key]!r}; "
-                        "choose another --out"
+                        + (f"pass --store {old.get(key)} or " if key == "store" else "") + "choose another --out"
                     )
             # Keep the widest energy range any flow was trained on (they share one store normally).
             lo, hi = old.get("energy_range", record["energy_range"])
@@ -156,40 +164,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_training_arguments(p: argparse.ArgumentParser) -> None:
     """The optimisation, precision, data-budget and Ray flags shared by training and distillation."""
-    p.add_argument("--epochs", type=int, help="epochs (default: the preset's for this flow)")
-    p.add_argument("--steps", type=int,
+    p.add_argument("--epochs", type=positive_int("--epochs"), help="epochs (default: the preset's for this flow)")
+    p.add_argument("--steps", type=positive_int("--steps"),
                    help="budget in optimiser steps instead of epochs (the last epoch may be partial)")
-    p.add_argument("--minutes", type=float,
+    p.add_argument("--minutes", type=positive_float("--minutes"),
                    help="budget in minutes of training instead of epochs: turned into steps from the speed of the "
                         "first steps. Resuming with a larger budget (any of --epochs/--steps/--minutes) extends the "
                         "run; the learning-rate schedule is re-planned over the new total")
-    p.add_argument("--batch-size", type=int,
+    p.add_argument("--batch-size", type=positive_int("--batch-size"),
                    help="GLOBAL batch size, split evenly over workers (default: the preset's)")
-    p.add_argument("--lr", type=float, help="OneCycle peak learning rate (default: the preset's for this flow)")
-    p.add_argument("--grad-clip", type=float, default=5.0, help="max gradient norm, <= 0: off (default 5)")
-    p.add_argument("--seed", type=int, default=0, help="seed of initial weights, noise and shuffling (default 0)")
+    p.add_argument("--lr", type=positive_float("--lr"),
+                   help="OneCycle peak learning rate (default: the preset's for this flow)")
+    p.add_argument("--grad-clip", type=number(float, "--grad-clip"), default=5.0,
+                   help="max gradient norm, <= 0: off (default 5)")
+    p.add_argument("--seed", type=non_negative_int("--seed"), default=0,
+                   help="seed of initial weights, noise and shuffling (default 0)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="training device (default cpu)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="precision (default float32)")
-    p.add_argument("--checkpoint-every", type=int, default=500,
-                   help="steps between mid-epoch checkpoints; one is also written at every epoch end (default 500)")
-    p.add_argument("--log-every", type=int, default=50, help="steps between progress lines (default 50)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0: torch's default (default 0)")
-    p.add_argument("--memory-gb", type=float, default=2.0,
+    p.add_argument("--checkpoint-every", type=positive_int("--checkpoint-every"), default=500,
+                   help="steps between mid-epoch checkpoints; one is also written at every epoch end and when "
+                        "SIGTERM/SIGINT stops a single-process run (default 500)")
+    p.add_argument("--log-every", type=positive_int("--log-every"), default=50,
+                   help="steps between progress lines (default 50)")
+    p.add_argument("--threads", type=non_negative_int("--threads"), default=0,
+                   help="torch CPU threads, 0: torch's default (default 0)")
+    p.add_argument("--memory-gb", type=positive_float("--memory-gb"), default=2.0,
                    help="memory budget of the data loaders in GB: preload the share if it fits, else stream")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this global step (smoke tests)")
+    p.add_argument("--max-steps", type=positive_int("--max-steps"), default=None,
+                   help="stop after this global step (smoke tests)")
     add_ray_arguments(p)
 
 
 def train_config(args: argparse.Namespace, preset: Preset, name: str, student: bool = False) -> TrainConfig:
     """The TrainConfig of a command line: flags where given, else the preset's defaults for the flow."""
-    if args.memory_gb <= 0:
-        raise UserError(f"--memory-gb must be positive, not {args.memory_gb}")
+    def given(value: Any, default: Any) -> Any:
+        return default if value is None else value
+
     return TrainConfig(
-        epochs=args.epochs or preset.default_epochs(args.flow, student),
+        epochs=given(args.epochs, preset.default_epochs(args.flow, student)),
         steps=args.steps,
         minutes=args.minutes,
-        batch_size=args.batch_size or preset.batch_size,
-        max_lr=args.lr or preset.max_lr[args.flow],
+        batch_size=given(args.batch_size, preset.batch_size),
+        max_lr=given(args.lr, preset.max_lr[args.flow]),
         grad_clip=args.grad_clip,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,

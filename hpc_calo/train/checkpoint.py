@@ -21,11 +21,17 @@ RUN_FORMAT = "hpc-calo-run"
 
 
 def rng_state() -> dict[str, Any]:
-    """Every RNG a training step may draw from (torch CPU and CUDA, numpy's global, Python's)."""
+    """Every RNG a training step may draw from (torch CPU and CUDA, numpy's global, Python's).
+
+    As tensors and plain types only, so that checkpoints load with ``weights_only=True``.
+    """
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, mt, gauss = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -34,8 +40,11 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(x) for x in p["state"].tolist()), p["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -55,10 +64,12 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(path)
     try:
-        # RNG states hold numpy arrays and Python tuples: full unpickling of our own file.
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # any unpickling failure means a corrupt file
-        raise UserError(f"{path}: checkpoint cannot be read (truncated or corrupt): {err}") from None
+        # Tensors and plain types only: a crafted file in a run folder must not run code when resumed.
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unpickling failure means a corrupt (or foreign) file
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"{path}: checkpoint cannot be read (truncated, corrupt or not made by hpc-calo: only "
+                        f"tensors and plain values are loaded): {reason}") from None
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path}: not an hpc-calo training checkpoint")
     if obj.get("version") != CHECKPOINT_VERSION:

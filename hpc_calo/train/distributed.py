@@ -44,6 +44,7 @@ from torch import nn
 
 from hpc_calo.atomic import atomic_path
 from hpc_calo.errors import UserError
+from hpc_calo.flags import number, positive_float, positive_int
 from hpc_calo.train.config import TrainConfig
 from hpc_calo.train.loop import fit
 
@@ -239,20 +240,20 @@ def add_ray_arguments(p: argparse.ArgumentParser) -> None:
         "Given --workers or --address, the job runs data-parallel on Ray Train workers (DDP: NCCL on GPUs, gloo "
         "on CPUs) with the same loop; --batch-size stays the GLOBAL batch, split evenly over the workers.",
     )
-    g.add_argument("--workers", type=int, default=None,
+    g.add_argument("--workers", type=positive_int("--workers"), default=None,
                    help="number of Ray Train workers (DDP ranks); without it (and --address) train in this process")
-    g.add_argument("--gpus-per-worker", type=float, default=0.0,
+    g.add_argument("--gpus-per-worker", type=number(float, "--gpus-per-worker", 0), default=0.0,
                    help="GPUs reserved per worker; > 0 trains on them with NCCL (default 0: CPU with gloo)")
-    g.add_argument("--cpus-per-worker", type=float, default=1.0,
+    g.add_argument("--cpus-per-worker", type=positive_float("--cpus-per-worker"), default=1.0,
                    help="CPUs reserved per worker; also its torch thread count (default 1)")
-    g.add_argument("--memory-gb-per-worker", type=float, default=None,
+    g.add_argument("--memory-gb-per-worker", type=positive_float("--memory-gb-per-worker"), default=None,
                    help=f"memory reserved per worker in GB; {LOADER_MEMORY_SHARE * 100:.0f}%% of it is the worker's "
                         "data budget (preload its shard if it fits, else stream). Default: no reservation, "
                         "the loaders use --memory-gb")
     g.add_argument("--address", default=None,
                    help="Ray cluster to attach to (host:port or 'auto'); default: RAY_ADDRESS when set (inside a "
                         "Ray job), else start a local Ray")
-    g.add_argument("--max-failures", type=int, default=0,
+    g.add_argument("--max-failures", type=number(int, "--max-failures", -1), default=0,
                    help="worker-group restarts after a worker dies, each resuming from the last checkpoint "
                         "(-1: no limit; default 0)")
     g.add_argument("--run-name", default=None,
