@@ -24,7 +24,6 @@ import shutil
 import signal
 import sys
 import time
-import traceback
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -37,10 +36,13 @@ import zarr
 from hpc_calo import __version__
 from hpc_calo.data import store as fmt
 from hpc_calo.digest import file_sha256, fingerprint
-from hpc_calo.errors import UserError, run_cli
+from hpc_calo.errors import UserError, abort_world, run_cli
+from hpc_calo.flags import number, positive_int
 from hpc_calo.geometry import DATASETS, Geometry, get_geometry
-from hpc_calo.io import CaloFile
+from hpc_calo.io import Block, CaloFile
+from hpc_calo.io.check import check_block
 from hpc_calo.mpi import plan_on_rank0
+from hpc_calo.outputs import PAIR_STORE, claim, refuse_inputs, storage_error
 
 CONVERTER_VERSION = f"hpc-calo {__version__} data_prep.convert 1"
 # What the interpreter, numpy, h5py, zarr and MPI take before any data (measured ~200 MB; rounded up).
@@ -61,6 +63,7 @@ class ConvertRequest:
     val_fraction: float = 0.1
     memory_gb: float = 2.0  # peak memory budget per rank
     overwrite: bool = False
+    repair: bool = False  # re-read every chunk of an existing store and convert the damaged ones again
     chunk_showers: int | None = None
     block_showers: int | None = None
     quiet: bool = False
@@ -70,6 +73,10 @@ class ConvertRequest:
             raise UserError("give at least one CaloChallenge input file")
         if self.dataset not in DATASETS:
             raise UserError(f"--dataset must be one of {', '.join(sorted(DATASETS))}, not {self.dataset!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UserError(f"--val-fraction must be in [0, 1), not {self.val_fraction}")
+        if not self.memory_gb > 0:
+            raise UserError(f"--memory-gb must be positive, not {self.memory_gb}")
 
 
 # ------------------------------------------------------------------------------------------------ MPI
@@ -144,8 +151,6 @@ class Plan:
 
 def _describe(path: Path, geometry: Geometry, several: bool) -> Source:
     """Open the file (structure checked) and say which dataset it is when it is the wrong one."""
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
     try:
         with CaloFile(path) as f:
             n = f.n
@@ -192,8 +197,7 @@ def _block_rows(geometry: Geometry, chunk: int, memory_gb: float, block_showers:
 def prepare(args: ConvertRequest) -> Plan:
     """Rank 0: validate the inputs, decide create / resume / nothing to do, create the store if new."""
     geometry = get_geometry(args.dataset)
-    if not 0.0 <= args.val_fraction < 1.0:
-        raise UserError(f"--val-fraction must be in [0, 1), not {args.val_fraction}")
+    refuse_inputs(args.out, args.inputs)
     sources = [_describe(Path(p), geometry, len(args.inputs) > 1) for p in args.inputs]
     n_total = sum(s.n for s in sources)
     n_train, n_val = fmt.split_sizes(n_total, args.val_fraction)
@@ -217,29 +221,32 @@ def prepare(args: ConvertRequest) -> Plan:
 
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()  # an empty directory (e.g. made by a job script) holds nothing to protect
+    claim(out, PAIR_STORE)  # anything else at --out is refused, --overwrite or not
     existing = fmt.read_attrs(out) if out.exists() else None
     if out.exists() and args.overwrite:
-        if existing is None:
-            raise UserError(f"{out}: exists and is not a pair store; refusing to delete it even with --overwrite")
         shutil.rmtree(out)
         existing = None
     elif out.exists():
-        if existing is None:
-            raise UserError(f"{out}: exists and is not a pair store; choose another --out")
+        assert existing is not None  # claim() refused anything but a pair store
         if existing.get("request_fingerprint") != request_fingerprint:
             state = "complete" if existing.get("complete") else "incomplete"
             raise UserError(
                 f"{out}: holds a {state} store of a different request (other inputs or options); "
                 "choose another --out, or pass --overwrite to replace it"
             )
+        if args.repair:
+            damaged = fmt.damaged_chunks(out)
+            if damaged:
+                fmt.mark_pending(out, damaged)
+                print(f"{out}: {len(damaged)} missing or corrupt chunks to convert again "
+                      f"(first: {damaged[0][0]} chunk {damaged[0][1]})", file=sys.stderr)
+                existing["complete"] = False
         if existing.get("complete") is True:
             return Plan(**plan, pending=[], complete=True)
         root = zarr.open_group(zarr.storage.LocalStore(out), mode="r")
         pending = [(split, int(k)) for split in fmt.SPLITS for k in np.flatnonzero(~root[f"{split}/{fmt.DONE}"][:])]
         return Plan(**plan, pending=pending)
 
-    if not out.parent.is_dir():
-        raise UserError(f"{out}: directory {out.parent} does not exist")
     attrs = {
         "dataset": geometry.name,
         "geometry": {"n_alpha": geometry.n_alpha, "n_r": geometry.n_r, "n_layers": geometry.n_layers},
@@ -315,7 +322,7 @@ class Converter:
                 continue
             blk = self._file(i).read(lo - off, hi - off)
             layer_e = self.geometry.layers(blk.showers).sum(axis=2, dtype=np.float64)
-            self._check(src.path, blk.start, blk.incident_energies, blk.showers, layer_e)
+            self._check(src.path, blk, layer_e)
             es.append(blk.incident_energies)
             ss.append(blk.showers)
             ls.append(layer_e)
@@ -323,21 +330,11 @@ class Converter:
             return es[0], ss[0], ls[0]
         return np.concatenate(es), np.concatenate(ss), np.concatenate(ls)
 
-    def _check(self, path: str, start: int, e: np.ndarray, s: np.ndarray, layer_e: np.ndarray) -> None:
-        stop = start + len(e)
-        where = f"{path}: rows {start}-{stop}"
-        tail = f"; the store {self.out} stays incomplete (readers refuse it)"
-        if not np.isfinite(e).all() or (e <= 0).any():
-            row = start + int(np.argmax(~np.isfinite(e) | (e <= 0)))
-            raise UserError(f"{where}: incident energy NaN, inf or not positive (first at row {row}){tail}")
-        # A NaN or inf voxel makes its layer sum non-finite (finite float32 sums cannot overflow float64), so
-        # one extra pass over the voxels (the minimum) finds every problem.
-        if not np.isfinite(layer_e).all():
-            row = start + int(np.argmax(~np.isfinite(layer_e).all(axis=1)))
-            raise UserError(f"{where}: showers contain NaN or inf (first at row {row}){tail}")
-        if s.min() < 0:
-            row = start + int(np.argmax((s < 0).any(axis=1)))
-            raise UserError(f"{where}: showers contain negative energies (first at row {row}){tail}")
+    def _check(self, path: str, blk: Block, layer_e: np.ndarray) -> None:
+        try:
+            check_block(path, blk, totals=layer_e.sum(axis=1))  # the io check's rules, on the layer sums we need
+        except UserError as err:
+            raise UserError(f"{err}; the store {self.out} stays incomplete (readers refuse it)") from None
 
     def run_block(self, block: list[tuple[str, int]]) -> None:
         """Read and validate a block here; encode and write it on the writer thread while the next is read."""
@@ -354,6 +351,11 @@ class Converter:
             self._pending_write = None
 
     def _write(self, block: list[tuple[str, int]], a: int, e: np.ndarray, layer_e: np.ndarray, vox: np.ndarray) -> None:
+        with zarr.config.set(fmt.WRITE_EVERY_CHUNK):
+            self._write_chunks(block, a, e, layer_e, vox)
+
+    def _write_chunks(self, block: list[tuple[str, int]], a: int, e: np.ndarray, layer_e: np.ndarray,
+                      vox: np.ndarray) -> None:
         for split in fmt.SPLITS:  # a block may end the train split and start the val split
             ks = [k for sp, k in block if sp == split]
             if not ks:
@@ -416,13 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output store directory (e.g. ds2.zarr)")
     p.add_argument(
         "--val-fraction",
-        type=float,
+        type=number(float, "--val-fraction", 0, 1, hi_open=True),
         default=0.1,
         help="fraction of showers, taken from the END of the concatenated inputs, for validation (default 0.1)",
     )
     p.add_argument(
         "--memory-gb",
-        type=float,
+        type=number(float, "--memory-gb", 0, lo_open=True),
         default=2.0,
         help="peak memory budget per rank in GB; read blocks are sized from it (default 2)",
     )
@@ -432,14 +434,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace an existing pair store of a different request at --out (never deletes anything else)",
     )
     p.add_argument(
+        "--repair",
+        action="store_true",
+        help="read every chunk of the existing store of this request and convert again the missing or corrupt "
+        "ones (what a reader's 'chunk ... is missing/corrupt' error asks for)",
+    )
+    p.add_argument(
         "--chunk-showers",
-        type=int,
+        type=positive_int("--chunk-showers"),
         default=None,
         help="showers per Zarr chunk (default: ~4 MiB of raw voxels, 161 for ds2, 25 for ds3)",
     )
     p.add_argument(
         "--block-showers",
-        type=int,
+        type=positive_int("--block-showers"),
         default=None,
         help="showers read per block (default: as many as --memory-gb allows, at most 128 MiB of voxels)",
     )
@@ -464,7 +472,7 @@ def _fail(comm: Any, msg: str) -> int:
 def parse_request(argv: Sequence[str] | None = None) -> ConvertRequest:
     a = build_parser().parse_args(argv)
     return ConvertRequest(inputs=tuple(a.inputs), dataset=a.dataset, out=a.out, val_fraction=a.val_fraction,
-                          memory_gb=a.memory_gb, overwrite=a.overwrite, chunk_showers=a.chunk_showers,
+                          memory_gb=a.memory_gb, overwrite=a.overwrite, repair=a.repair, chunk_showers=a.chunk_showers,
                           block_showers=a.block_showers, quiet=a.quiet)
 
 
@@ -480,13 +488,12 @@ def convert(args: ConvertRequest) -> int:
     try:
         return _main(args, comm, rank, size, t0)
     except UserError:
-        raise
-    except Exception:
+        raise  # agreed by every rank before it is raised
+    except BaseException as err:
+        # Ctrl-C or a bug on one rank: a peer blocked in a collective would wait forever, so end the world.
         if size == 1:
             raise
-        traceback.print_exc()
-        sys.stderr.flush()
-        comm.Abort(1)
+        abort_world(comm, err)
         return 1
 
 
@@ -516,12 +523,16 @@ def _main(args: ConvertRequest, comm: Any, rank: int, size: int, t0: float) -> i
                 try:
                     conv.run_block(conv.blocks[i])
                     rows = conv.rows(conv.blocks[i])
+                    if i + 1 == len(conv.blocks):
+                        conv.wait()  # the last write lands before this rank reports its rows
                 except UserError as e:
                     err = str(e)
+                except OSError as e:
+                    err = str(_storage(e, args.out, plan) or "")
+                    if not err:
+                        raise
                 if kill_after and i + 1 >= kill_after:
                     os.kill(os.getpid(), signal.SIGKILL)
-            if i + 1 == len(conv.blocks):
-                conv.wait()  # the last write lands before this rank reports its rows
             err, done = _agree(comm, err, rows)
             if bar is not None:
                 bar.update(done)
@@ -553,6 +564,16 @@ def _main(args: ConvertRequest, comm: Any, rank: int, size: int, t0: float) -> i
         )
     comm.barrier()
     return 0
+
+
+def _storage(err: OSError, out: Path, plan: Plan) -> UserError | None:
+    """Disk full / read-only while writing chunks: one line (the store stays incomplete and resumable)."""
+    geometry = get_geometry(plan.geometry_name)
+    left = sum(b - a for a, b in (plan.chunk_rows(*c) for c in plan.pending))
+    # zstd packs the voxels ~6x (BENCHMARKS.md); a quarter of the raw size is the estimate with margin.
+    needed = left * (geometry.n_voxels * 4 // 4 + 8 * (1 + geometry.n_layers))
+    mapped = storage_error(err, out, needed)
+    return None if mapped is None else UserError(f"{mapped}; the store stays incomplete: free space and re-run")
 
 
 def _max_op(comm: Any) -> Any:

@@ -54,6 +54,7 @@ from scipy.special import gammainc
 from tqdm import tqdm
 
 from hpc_calo.errors import UserError, run_cli
+from hpc_calo.flags import non_negative_int, number
 from hpc_calo.geometry import (
     DATASETS,
     E_INC_MAX_MEV,
@@ -64,6 +65,7 @@ from hpc_calo.geometry import (
     get_geometry,
 )
 from hpc_calo.io import CaloWriter
+from hpc_calo.io.hdf5 import MAX_SHOWERS
 from hpc_calo.seeding import DEFAULT_SEED
 
 # Showers per independently seeded sub-block: small enough to keep the per-spot arrays of a 1 TeV sub-block in
@@ -388,19 +390,18 @@ class SynthRequest:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.showers <= 0:
-            raise UserError(f"--showers must be positive, got {self.showers}")
+        if not 1 <= self.showers <= MAX_SHOWERS:
+            raise UserError(f"--showers must be between 1 and {MAX_SHOWERS:.0e}, got {self.showers}")
         if self.seed < 0:
             raise UserError(f"--seed must be >= 0, got {self.seed}")
-        if Path(self.out).is_dir():
-            raise UserError(f"{self.out}: is a directory, expected a file path")
 
 
 def synthesize(req: SynthRequest) -> Path:
+    """Write the file; an existing output is replaced only if it is a CaloChallenge file (CaloWriter's rule)."""
     return write_synthetic(req.out, req.dataset, req.showers, req.seed, req.compression, progress=req.progress)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m data_prep.synth",
         description=(
@@ -409,15 +410,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
     )
     parser.add_argument("--dataset", required=True, choices=sorted(DATASETS), help="voxel geometry: ds2 or ds3")
-    parser.add_argument("--showers", required=True, type=int, help="number of showers to generate (> 0)")
+    parser.add_argument("--showers", required=True, type=number(int, "--showers", 1, MAX_SHOWERS),
+                        help="number of showers to generate (> 0)")
     parser.add_argument("--out", required=True, type=Path, help="output HDF5 file (written atomically)")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
+    parser.add_argument("--seed", type=non_negative_int("--seed"), default=DEFAULT_SEED,
                         help=f"random seed; same seed, same file (default {DEFAULT_SEED})")
     parser.add_argument(
         "--compression", choices=["gzip", "none"], default="gzip", help="HDF5 compression (default gzip)"
     )
     parser.add_argument("--plot", type=Path, metavar="DIR", help="also write diagnostic PNGs into DIR")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     req = SynthRequest(args.out, args.dataset, args.showers, args.seed, args.compression)
     if args.plot is not None and args.plot.exists() and not args.plot.is_dir():
         raise UserError(f"{args.plot}: --plot needs a directory, this is a file")

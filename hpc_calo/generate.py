@@ -28,10 +28,14 @@ from hpc_calo import preprocess as pp
 from hpc_calo import rundir
 from hpc_calo.background import write_behind
 from hpc_calo.errors import UserError, run_cli
+from hpc_calo.flags import non_negative_int, number, positive_int
 from hpc_calo.flows import fast_sampler
 from hpc_calo.geometry import E_INC_MAX_MEV, E_INC_MIN_MEV, N_LAYERS, Geometry, apply_threshold, get_geometry
 from hpc_calo.io import CaloFile, CaloWriter
+from hpc_calo.io.check import check_energies, check_trained_range
+from hpc_calo.io.hdf5 import MAX_SHOWERS, output_bytes
 from hpc_calo.models import FlowModel, load_flow_model
+from hpc_calo.outputs import CALO_FILE, claim, require_space
 from hpc_calo.precision import PRECISION_HELP, PRECISIONS, add_renormalise_argument, resolve
 from hpc_calo.seeding import DEFAULT_SEED, ROW_BLOCK, log_uniform_energies, row_block_seed
 
@@ -220,14 +224,22 @@ class _Graphed:
         return self.graphs[b](z, context).clone()  # the graph's output buffer is reused by the next replay
 
 
-def reference_energies(path: Path, geometry: Geometry, n: int | None) -> np.ndarray:
-    """The first n (default all) incident energies of a CaloChallenge file, without reading its showers."""
+def reference_energies(path: Path, geometry: Geometry, n: int | None,
+                       trained: tuple[float, float] | None = None) -> np.ndarray:
+    """The first n (default all) incident energies of a CaloChallenge file, without reading its showers.
+
+    Checked as ``io check`` checks them and, given the ``trained`` range, refused where they reach outside it.
+    """
     with CaloFile(path, geometry) as f:
         total = len(f)
     if n is not None and n > total:
         raise UserError(f"{path}: has {total} showers, fewer than the {n} requested")
     with h5py.File(path, "r") as h5:
-        return np.asarray(h5["incident_energies"][: total if n is None else n, 0], dtype=np.float64)
+        e = np.asarray(h5["incident_energies"][: total if n is None else n, 0], dtype=np.float64)
+    check_energies(str(path), 0, e)
+    if trained is not None and len(e):
+        check_trained_range(str(path), float(e.min()), float(e.max()), trained)
+    return e
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,19 +248,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate showers with the trained flows of a run folder into a CaloChallenge HDF5 file.",
     )
     p.add_argument("--run", type=Path, required=True, help="run folder written by python -m hpc_calo.train")
-    p.add_argument("--showers", type=int, help="number of showers (default with --energies: all of the file's)")
+    p.add_argument("--showers", type=number(int, "--showers", 1, MAX_SHOWERS),
+                   help=f"number of showers, at most {MAX_SHOWERS:.0e} (default with --energies: all of the file's)")
     p.add_argument("--out", type=Path, required=True, help="output HDF5 file (appears only when complete)")
     p.add_argument("--energies", type=Path,
                    help="take the incident energies of this CaloChallenge file (its first N); default: log-uniform "
                         "over the trained range")
-    p.add_argument("--batch-size", type=int, default=1000, help="showers per batch (default 1000)")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED,
+    p.add_argument("--batch-size", type=positive_int("--batch-size"), default=1000,
+                   help="showers per batch (default 1000)")
+    p.add_argument("--seed", type=non_negative_int("--seed"), default=DEFAULT_SEED,
                    help=f"random seed; row i's randomness depends on (seed, i) only (default {DEFAULT_SEED})")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device (default cpu)")
     p.add_argument("--dtype", default="float32", choices=PRECISIONS, help=PRECISION_HELP)
     p.add_argument("--students", choices=("auto", "yes", "no"), default="auto",
                    help="flows 2/3: students where trained (auto), required (yes) or teachers (no)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0: torch's default")
+    p.add_argument("--threads", type=non_negative_int("--threads"), default=0,
+                   help="torch CPU threads, 0: torch's default")
     add_renormalise_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -274,8 +289,8 @@ class GenerateRequest:
     def __post_init__(self) -> None:
         if self.showers is None and self.energies is None:
             raise UserError("give --showers N, or --energies REF.h5 to take its incident energies")
-        if self.showers is not None and self.showers < 1:
-            raise UserError(f"--showers must be positive, not {self.showers}")
+        if self.showers is not None and not 1 <= self.showers <= MAX_SHOWERS:
+            raise UserError(f"--showers must be between 1 and {MAX_SHOWERS:.0e}, not {self.showers}")
         if self.seed < 0:
             raise UserError(f"--seed must be a non-negative integer, not {self.seed}")
         if self.dtype not in PRECISIONS:
@@ -283,7 +298,12 @@ class GenerateRequest:
 
 
 def generate(req: GenerateRequest) -> int:
-    """Write ``req.out``; returns the number of showers. The rows are those ``hpc_calo.sample`` gives."""
+    """Write ``req.out``; returns the number of showers. The rows are those ``hpc_calo.sample`` gives.
+
+    Refused before the flows load: an output that is an input or not a CaloChallenge file; before generating:
+    energies outside the trained range, or an output that cannot fit in the free space.
+    """
+    claim(req.out, CALO_FILE, inputs=[req.run, req.energies])
     if req.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {req.device}: no CUDA device is available")
     if req.threads > 0:
@@ -292,11 +312,14 @@ def generate(req: GenerateRequest) -> int:
     chain = Chain.load(req.run, req.device, dtype, req.students, matmul_dtype=matmul_dtype,
                        renormalise=req.renormalise)
     if req.energies is not None:
-        e_inc = reference_energies(req.energies, chain.geometry, req.showers)
+        e_inc = reference_energies(req.energies, chain.geometry, req.showers, chain.energy_range)
+        n = len(e_inc)
     else:
         assert req.showers is not None
-        e_inc = chain.random_energies(req.showers, req.seed)
-    n = len(e_inc)
+        n = req.showers
+    require_space((Path(req.out).absolute().parent, output_bytes(chain.geometry, n)))
+    if req.energies is None:
+        e_inc = chain.random_energies(n, req.seed)
     attrs = {"generator": "hpc-calo iCaloFlow", "run": str(Path(req.run).resolve()), "seed": req.seed,
              "students": str(chain.students), "renormalise": req.renormalise}
     with CaloWriter(req.out, chain.geometry, n_total=n, attrs=attrs) as w, tqdm(

@@ -6,12 +6,14 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from hpc_calo.errors import UserError
+from hpc_calo.outputs import storage_error
 
 T = TypeVar("T")
 
 
 def plan_on_rank0(comm: Any, plan: Callable[[], T]) -> tuple[T | None, str | None]:
-    """Run ``plan()`` on rank 0 only and broadcast ``(result, None)``, or ``(None, message)`` of its UserError.
+    """Run ``plan()`` on rank 0 only and broadcast ``(result, None)``, or ``(None, message)`` of its UserError
+    (or of a full disk or read-only directory met while planning, e.g. creating the output).
 
     Only rank 0 touches the inputs and the output's state, so the ranks cannot disagree about them; every rank
     learns of a bad request at the same point, so none is left waiting in a collective call.
@@ -22,4 +24,9 @@ def plan_on_rank0(comm: Any, plan: Callable[[], T]) -> tuple[T | None, str | Non
             payload = (plan(), None)
         except UserError as err:
             payload = (None, str(err))
+        except OSError as err:
+            mapped = storage_error(err, err.filename or "output")
+            if mapped is None:
+                raise
+            payload = (None, str(mapped))
     return comm.bcast(payload, root=0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -30,6 +31,15 @@ STAGES = ("prep", "teacher", "student", "sample", "evaluate")
 BUDGET_FLOWS = ("flow1", "flow2", "flow3", "flow2_student", "flow3_student")
 BUDGET_UNITS = ("epochs", "steps", "minutes")
 SITE_ENV = "HPC_CALO_CONFIG"
+# What a SLURM name option may hold: these values are written into generated sbatch scripts, where a newline
+# or a shell character would inject directives or commands.
+_SLURM_NAME = re.compile(r"[A-Za-z0-9_.+-]+(,[A-Za-z0-9_.+-]+)*")
+_TIME = re.compile(r"\d{1,5}:\d{2}:\d{2}")
+# The settings that decide a run's results; re-running in a run folder with other values is refused.
+# Training budgets and epochs may grow (a re-run extends training); resources, devices and thread counts may
+# change.
+REQUEST_FIELDS = ("dataset", "data", "reference", "synthetic", "showers", "preset", "seed", "val_fraction", "dtype",
+                  "sample_dtype")
 
 
 @dataclass
@@ -49,11 +59,23 @@ class Resources:
     # Requeues a training job may use before giving up; a multi-day training under a 24 h limit needs several.
     max_requeues: int = 20
 
+    def validate(self) -> None:
+        for name in ("partition", "account", "qos"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) and _SLURM_NAME.fullmatch(value)):
+                raise UserError(f"--{name} {value!r}: only letters, digits, '_', '.', '-', '+' (and commas "
+                                "between names) may reach a SLURM script")
+        for name, low in (("nodes", 1), ("gpus_per_node", 0), ("cpus_per_task", 1), ("signal_delay_s", 0),
+                          ("max_requeues", 0), ("mem_gb", 1)):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+                raise UserError(f"--{name.replace('_', '-')} must be an integer >= {low}, not {value!r}")
+        self.minutes()
+
     def minutes(self) -> int:
-        try:
-            h, m, s = (int(x) for x in self.time.split(":"))
-        except ValueError:
-            raise UserError(f"--time must be HH:MM:SS, not {self.time!r}") from None
+        if not isinstance(self.time, str) or not _TIME.fullmatch(self.time):
+            raise UserError(f"--time must be HH:MM:SS, not {self.time!r}")
+        h, m, s = (int(x) for x in self.time.split(":"))
         minutes = max(1, h * 60 + m + (1 if s else 0))
         if minutes * 60 <= self.signal_delay_s + 60:
             # SLURM may send --signal up to 60 s early: an attempt could be signalled as it starts, every time.
@@ -132,7 +154,17 @@ class PipelineConfig:
             return Path(self.reference).resolve()
         return self.path("data") / "reference.h5"
 
+    def request(self) -> dict[str, Any]:
+        """The settings that decide the results, with paths resolved (a re-run from elsewhere is the same)."""
+        d = {k: getattr(self, k) for k in REQUEST_FIELDS}
+        d["data"] = [str(p) for p in self.training_files()]
+        d["reference"] = str(self.reference_file())
+        return d
+
     def validate(self) -> None:
+        if any(c.isspace() or not c.isprintable() for c in str(self.out)):
+            # The run folder's paths are written into SLURM scripts and job arguments.
+            raise UserError(f"--out {self.out!r}: a run folder path may not hold spaces or control characters")
         if bool(self.data) == bool(self.synthetic):
             raise UserError("give exactly one of --data FILES or --synthetic N")
         if self.jobs < 1:
@@ -169,7 +201,7 @@ class PipelineConfig:
             raise UserError(f"--amp {self.amp} needs --device cuda and --dtype float32")
         if self.threads is not None and self.threads < 1:
             raise UserError(f"--threads must be positive, not {self.threads}")
-        self.resources.minutes()
+        self.resources.validate()
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PipelineConfig:
@@ -177,8 +209,28 @@ class PipelineConfig:
         return cls(**{**d, "resources": Resources(**d["resources"])})
 
     def save(self) -> None:
+        """Write config.json, refusing a folder that is not a run folder or holds a run of another request.
+
+        Resources, worker counts and training budgets may change between attempts (where and how long, not what).
+        """
+        path = self.path("config")
+        if self.root.exists() and not self.root.is_dir():
+            raise UserError(f"{self.root}: exists and is not a run folder; remove it or choose another --out")
+        if path.exists():
+            try:
+                old = PipelineConfig.from_dict(json.loads(path.read_text())).request()
+            except (OSError, ValueError, TypeError, KeyError) as err:
+                raise UserError(f"{path}: unreadable run configuration ({err}); choose another --out") from None
+            new = self.request()
+            diff = [f"{k} {old.get(k)!r} there vs {v!r} now" for k, v in new.items() if old.get(k) != v]
+            if diff:
+                raise UserError(f"{self.root}: holds a run of a different request ({'; '.join(diff)}); re-run with "
+                                "the same settings to resume it, or choose another --out")
+        elif self.root.is_dir() and any(self.root.iterdir()):
+            raise UserError(f"{self.root}: exists and is not an hpc-calo run folder (no config.json); remove it or "
+                            "choose another --out")
         self.root.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.path("config")) as tmp:
+        with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -287,7 +286,6 @@ def _spawn_mpi(name: str, cfg: PipelineConfig, ranks: int) -> bool:
 
 def run_stages(cfg: PipelineConfig, selected: list[str], where: Where = Where()) -> None:
     """The stages one after the other in this process, with their times (``--cluster local``, ``ray job``)."""
-    clean_partial(cfg)
     total = time.perf_counter()
     for name in selected:
         t0 = time.perf_counter()
@@ -296,11 +294,3 @@ def run_stages(cfg: PipelineConfig, selected: list[str], where: Where = Where())
         print(f"== {name} done in {time.perf_counter() - t0:.0f} s ==", flush=True)
     print(f"pipeline done in {time.perf_counter() - total:.0f} s")
 
-
-def clean_partial(cfg: PipelineConfig) -> None:
-    """Remove temporary names that a killed stage may have left (complete outputs are never touched)."""
-    for tmp in cfg.root.rglob(".*.tmp-*"):
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)

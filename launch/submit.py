@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from hpc_calo.errors import UserError, run_cli
+from hpc_calo.flags import non_negative_int, positive_int
 from hpc_calo.precision import PRECISIONS
 from hpc_calo.seeding import DEFAULT_SEED
 from launch import stages
@@ -51,51 +52,62 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--data", nargs="+", metavar="FILE",
                      help="CaloChallenge training HDF5 files (default: the official ones in --data-dir: "
                           "dataset_2_1.hdf5; dataset_3_1.hdf5 and dataset_3_2.hdf5)")
-    src.add_argument("--synthetic", type=int, metavar="N", help="make N synthetic training showers instead")
+    src.add_argument("--synthetic", type=positive_int("--synthetic"), metavar="N",
+                     help="make N synthetic training showers instead")
     p.add_argument("--reference", metavar="REF",
                    help="held-out CaloChallenge file for the evaluation and the production energies (default: "
                         "the official one in --data-dir: dataset_2_2.hdf5; for DS3 dataset_3_3.hdf5)")
     p.add_argument("--data-dir", metavar="DIR",
                    help="folder of the official files, as python -m data_prep.download writes them "
                         "(default: $HPC_CALO_DATA, else ./data)")
-    p.add_argument("--showers", type=int, help="showers to produce (default: as many as the reference)")
+    p.add_argument("--showers", type=positive_int("--showers"),
+                   help="showers to produce (default: as many as the reference)")
     p.add_argument("--preset", help="model preset: tiny, small, or the reference ds2 / ds3 (default: the "
                                     "dataset's reference preset)")
-    p.add_argument("--epochs", type=int, help="override the preset's epochs for every flow")
+    p.add_argument("--epochs", type=positive_int("--epochs"), help="override the preset's epochs for every flow")
     p.add_argument("--budget", action="append", metavar="FLOW=UNIT:N", type=parse_budget,
                    help="training budget of one flow, repeatable: FLOW is flow1, flow2, flow3, flow2_student or "
                         "flow3_student; UNIT is epochs, steps or minutes (e.g. --budget flow1=epochs:300 --budget "
                         "flow3=minutes:120). In a config file: [budget.flow3] minutes = 120. Re-running with a "
                         "larger budget extends that flow's training")
-    p.add_argument("--eval-epochs", type=int, help="classifier epochs in the evaluation (official 50)")
-    p.add_argument("--workers", type=int, help="Ray Train workers for flow-3 (teacher and student)")
-    p.add_argument("--prep-ranks", type=int, help="MPI ranks of the store conversion")
+    p.add_argument("--eval-epochs", type=positive_int("--eval-epochs"),
+                   help="classifier epochs in the evaluation (official 50)")
+    p.add_argument("--workers", type=positive_int("--workers"),
+                   help="Ray Train workers for flow-3 (teacher and student)")
+    p.add_argument("--prep-ranks", type=positive_int("--prep-ranks"), help="MPI ranks of the store conversion")
     p.add_argument("--sample-backend", choices=("local", "mpi", "ray"), help="how production fans out")
-    p.add_argument("--sample-workers", type=int, help="sampler workers (MPI ranks or Ray actors)")
-    p.add_argument("--seed", type=int, help=f"seed of every stage (default {DEFAULT_SEED})")
+    p.add_argument("--sample-workers", type=positive_int("--sample-workers"),
+                   help="sampler workers (MPI ranks or Ray actors)")
+    p.add_argument("--seed", type=non_negative_int("--seed"), help=f"seed of every stage (default {DEFAULT_SEED})")
     p.add_argument("--device", choices=("cpu", "cuda"),
                    help="where training, sampling and the evaluation classifiers run (default: cuda when "
                         "--gpus-per-node > 0, else cpu)")
     p.add_argument("--dtype", choices=("float32", "float64"), help="model precision of training and sampling")
     p.add_argument("--sample-dtype", choices=PRECISIONS, help="production precision (default: --dtype)")
     p.add_argument("--amp", choices=("off", "tf32", "bf16"), help="GPU training mixed precision (default off)")
-    p.add_argument("--threads", type=int, help="torch CPU threads per process (default: each command's own)")
-    p.add_argument("--jobs", type=int, help="training processes at a time on one machine (default 1): the "
-                   "three teachers, then the two students, side by side, each with cores/JOBS threads")
+    p.add_argument("--threads", type=positive_int("--threads"),
+                   help="torch CPU threads per process (default: each command's own)")
+    p.add_argument("--jobs", type=positive_int("--jobs"), help="training processes at a time on one machine "
+                   "(default 1): the three teachers, then the two students, side by side, each with cores/JOBS "
+                   "threads")
     p.add_argument("--config", metavar="FILE",
                    help="TOML or JSON file with any of these settings ([resources] table for the SLURM ones); "
                         "it overrides the site file ($HPC_CALO_CONFIG, else ~/.config/hpc-calo/config.toml)")
     slurm = p.add_argument_group("SLURM resources (per job; a site sets its usual ones in the site file's "
                                  "[resources] table)")
-    slurm.add_argument("--nodes", type=int, help="nodes of the training jobs (Ray spans them)")
-    slurm.add_argument("--gpus-per-node", type=int, help="GPUs of each training and sampling node (default 0)")
-    slurm.add_argument("--cpus-per-task", type=int, help="CPUs of each task (default 2)")
-    slurm.add_argument("--partition", help="SLURM partition (default: the cluster's default)")
-    slurm.add_argument("--account", help="SLURM account to charge")
-    slurm.add_argument("--qos", help="SLURM quality of service")
+    slurm.add_argument("--nodes", type=positive_int("--nodes"), help="nodes of the training jobs (Ray spans them)")
+    slurm.add_argument("--gpus-per-node", type=non_negative_int("--gpus-per-node"),
+                       help="GPUs of each training and sampling node (default 0)")
+    slurm.add_argument("--cpus-per-task", type=positive_int("--cpus-per-task"), help="CPUs of each task (default 2)")
+    slurm.add_argument("--partition", help="SLURM partition(s) (default: the cluster's default; letters, digits, "
+                       "_ . - + and commas)")
+    slurm.add_argument("--account", help="SLURM account to charge (letters, digits, _ . - +)")
+    slurm.add_argument("--qos", help="SLURM quality of service (letters, digits, _ . - +)")
     slurm.add_argument("--time", metavar="HH:MM:SS", help="time limit of each job; training requeues past it")
-    slurm.add_argument("--signal-delay-s", type=int, help="checkpoint signal this long before the limit")
-    slurm.add_argument("--max-requeues", type=int, help="requeues a training job may use (default 20)")
+    slurm.add_argument("--signal-delay-s", type=non_negative_int("--signal-delay-s"),
+                       help="checkpoint signal this long before the limit")
+    slurm.add_argument("--max-requeues", type=non_negative_int("--max-requeues"),
+                       help="requeues a training job may use (default 20)")
     p.add_argument("--dry-run", action="store_true",
                    help="print every resolved setting and where it came from, and what would run or be "
                         "submitted, and stop")

@@ -159,7 +159,7 @@ def test_mixed_datasets(inputs: list[Path], synthetic, tmp_path: Path) -> None:
     [
         ("nan", "NaN or inf (first at row 201)"),
         ("negative", "negative energies (first at row 201)"),
-        ("energy", "incident energy"),
+        ("energy", "incident_energies contain NaN or inf (first at row 201)"),
     ],
 )
 def test_bad_values_name_file_and_rows(inputs: list[Path], tmp_path: Path, what: str, message: str) -> None:
@@ -212,7 +212,7 @@ def test_output_is_another_store_or_not_a_store(reference: Path, inputs: list[Pa
     (other / "notes.txt").write_text("keep me")
     for extra in ([], ["--overwrite"]):
         line = one_error_line(convert("--dataset", "ds2", inputs[1], "--out", other, *SMALL, *extra))
-        assert "not a pair store" in line
+        assert "is not an hpc-calo pair store" in line
     assert (other / "notes.txt").read_text() == "keep me"
 
 

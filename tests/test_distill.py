@@ -178,7 +178,7 @@ def test_distillation_runs_in_the_training_loop(tmp_path: Path) -> None:
     assert len(vals) == 3 and min(vals) == summary["best_val"]  # the validation loss is the KL estimate
     best = load_flow_model(rundir.weights_in(out), dtype=torch.float64, flow=2)
     assert best.student
-    ck = torch.load(rundir.checkpoint_in(out), weights_only=False)
+    ck = torch.load(rundir.checkpoint_in(out), weights_only=True)
     assert all(k.startswith("student.") for k in ck["model"]) and ck["meta"]["kind"] == "distill"
 
 

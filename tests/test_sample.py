@@ -166,14 +166,17 @@ def test_bad_requests_have_clear_errors(tiny_run: Path, trained_range: tuple[flo
         rundir.weights(incomplete, 3, student).unlink()
     (tmp_path / "adir.h5").mkdir()
     few = energy_file(tmp_path / "few.h5", np.full(5, lo * 2))
-    wide = energy_file(tmp_path / "wide.h5", np.geomspace(lo / 2, hi, N))
+    # Valid CaloChallenge energies (1 GeV - 1 TeV) that reach outside the range this run was trained on.
+    assert lo > 1e3 * 1.001 or hi < 1e6 / 1.001
+    wide = energy_file(tmp_path / "wide.h5", np.geomspace((lo + 1e3) / 2 if lo > 1e3 * 1.001 else lo,
+                                                          hi if lo > 1e3 * 1.001 else (hi + 1e6) / 2, N))
     ds3 = energy_file(tmp_path / "ds3.h5", np.full(N, lo * 2), DS3)
     cases = {
-        "--showers must be positive": args(tiny_run, out, "--showers", "0"),
+        "--showers must be an integer >= 1": args(tiny_run, out, "--showers", "0"),
         "no such run directory": args(tmp_path / "nope", out),
         "incomplete run": args(incomplete, out),
         "does not exist": args(tiny_run, tmp_path / "missing" / "o.h5"),
-        "is a directory": args(tiny_run, tmp_path / "adir.h5"),
+        "exists and is not a CaloChallenge HDF5 file": args(tiny_run, tmp_path / "adir.h5"),
         "is not writable": args(tiny_run, _unwritable_dir(tmp_path) / "o.h5"),
         "outside the trained range": args(tiny_run, out, "--emin", str(lo / 2)),
         "holds 5 showers but 120 were requested": args(tiny_run, out, "--energies", str(few)),
@@ -199,7 +202,7 @@ def test_bad_requests_have_clear_errors(tiny_run: Path, trained_range: tuple[flo
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["error: --showers must be positive, not -4"]
+    assert proc.stderr.strip().splitlines() == ["error: --showers must be an integer >= 1 and <= 1e+09, not '-4'"]
 
 
 # ---- gather --------------------------------------------------------------------------------------------------

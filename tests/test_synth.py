@@ -184,11 +184,11 @@ def test_cli_writes_a_file_the_checker_accepts(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--showers", "0"], "--showers must be positive"),
-        (["--showers", "-3"], "--showers must be positive"),
-        (["--showers", "5", "--seed", "-1"], "--seed must be >= 0"),
+        (["--showers", "0"], "--showers must be an integer >= 1"),
+        (["--showers", "-3"], "--showers must be an integer >= 1"),
+        (["--showers", "5", "--seed", "-1"], "--seed must be an integer >= 0, not '-1'"),
         (["--showers", "5", "--out", "{tmp}/no/such/dir/x.h5"], "does not exist"),
-        (["--showers", "5", "--out", "{tmp}"], "is a directory"),
+        (["--showers", "5", "--out", "{tmp}"], "exists and is not a CaloChallenge HDF5 file"),
         (["--showers", "5", "--plot", "{tmp}/f.txt"], "needs a directory"),
     ],
 )

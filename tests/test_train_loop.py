@@ -73,7 +73,7 @@ def _run(store: Path, out: Path, max_steps: int | None) -> dict:
 def test_resume_is_bit_identical(store: Path, tmp_path: Path) -> None:
     reference = tmp_path / "uninterrupted"
     assert _run(store, reference, None)["global_step"] == 12  # 6 steps per epoch (1350 showers / 256)
-    final = torch.load(rundir.checkpoint_in(reference), weights_only=False)["model"]
+    final = torch.load(rundir.checkpoint_in(reference), weights_only=True)["model"]
     for kill_at, resume_at in ((5, 4), (7, 6)):  # mid-epoch checkpoint at 4; epoch-end checkpoint at 6
         out = tmp_path / f"killed_{kill_at}"
         stopped = _run(store, out, kill_at)
@@ -81,10 +81,10 @@ def test_resume_is_bit_identical(store: Path, tmp_path: Path) -> None:
         assert load_checkpoint(rundir.checkpoint_in(out))["global_step"] == resume_at
         resumed = _run(store, out, None)  # fresh model, fresh loaders: as after a restart
         assert resumed["global_step"] == 12 and not resumed["stopped"]
-        weights = torch.load(rundir.checkpoint_in(out), weights_only=False)["model"]
+        weights = torch.load(rundir.checkpoint_in(out), weights_only=True)["model"]
         for k, w in final.items():
             assert torch.equal(w, weights[k]), f"{k} differs after a kill at step {kill_at}"
-        assert resumed["best_val"] == torch.load(rundir.checkpoint_in(reference), weights_only=False)["best_val"]
+        assert resumed["best_val"] == torch.load(rundir.checkpoint_in(reference), weights_only=True)["best_val"]
 
 
 def test_float64_training(store: Path, tmp_path: Path) -> None:

@@ -103,6 +103,62 @@ def read_attrs(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     return attrs if attrs.get("format") == FORMAT else None
 
 
+# The converter writes every data chunk, even an all-zero one (zarr skips those by default), so that a missing
+# chunk file always means damage.
+WRITE_EVERY_CHUNK = {"array.write_empty_chunks": True}
+
+
+def _chunk_file(path: Path, split: str, name: str, array: zarr.Array, k: int) -> Path:
+    return path / split / name / array.metadata.encode_chunk_key((k,) + (0,) * (array.ndim - 1))
+
+
+def read_chunk(path: Path, root: zarr.Group, split: str, k: int, chunk: int,
+               names: tuple[str, ...] = (E_INC, LAYER_E, VOXELS)) -> dict[str, np.ndarray]:
+    """Rows of chunk ``k`` of a split, refusing a missing or undecodable chunk file by name.
+
+    zarr reads a missing chunk file as zeros: the showers of a deleted chunk would train silently on zeros.
+    """
+    out = {}
+    for name in names:
+        arr = root[f"{split}/{name}"]
+        a, b = k * chunk, min((k + 1) * chunk, arr.shape[0])
+        f = _chunk_file(path, split, name, arr, k)
+        problem = None if f.is_file() else "is missing"
+        if problem is None:
+            try:
+                out[name] = np.asarray(arr[a:b])
+            except Exception as err:  # any decode failure (truncated, garbled) of our own chunk file
+                problem = f"is corrupt ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        if problem is not None:
+            raise UserError(
+                f"{path}: chunk file {f.relative_to(path)} (showers {a}-{b} of {split}) {problem}; repair the store "
+                "by re-running the data_prep.convert command that made it with --repair"
+            )
+    return out
+
+
+def damaged_chunks(path: Path) -> list[tuple[str, int]]:
+    """(split, chunk) of every chunk marked done whose files are missing or corrupt (reads the whole store)."""
+    root = zarr.open_group(zarr.storage.LocalStore(path, read_only=True), mode="r")
+    chunk = int(root.attrs["chunk_showers"])
+    bad = []
+    for split in SPLITS:
+        for k in np.flatnonzero(root[f"{split}/{DONE}"][:]):
+            try:
+                read_chunk(path, root, split, int(k), chunk)
+            except UserError:
+                bad.append((split, int(k)))
+    return bad
+
+
+def mark_pending(path: Path, chunks: list[tuple[str, int]]) -> None:
+    """Un-mark chunks (and the store's completeness) so the converter writes them again."""
+    root = zarr.open_group(zarr.storage.LocalStore(path), mode="r+")
+    root.attrs["complete"] = False
+    for split, k in chunks:
+        root[f"{split}/{DONE}"][k] = False
+
+
 class PairStore:
     """A complete pair store opened read-only."""
 
@@ -165,6 +221,12 @@ def open_store(path: str | os.PathLike[str], geometry: Geometry | None = None) -
         raise UserError(
             f"{path}: incomplete store (the conversion did not finish); re-run the same convert command to resume"
         )
+    for split in SPLITS:
+        done = np.asarray(root[f"{split}/{DONE}"][:])
+        if not done.all():
+            k = int(np.argmin(done))
+            raise UserError(f"{path}: chunk {k} of {split} is not marked done (the store was altered); repair it "
+                            "by re-running the data_prep.convert command that made it with --repair")
     store_geo = get_geometry(attrs["dataset"])
     if geometry is not None and geometry.name != store_geo.name:
         raise UserError(f"{path}: the store holds {store_geo.name} showers, but {geometry.name} was requested")
@@ -275,14 +337,16 @@ class ShardedLoader:
         layer_e = np.empty((n, N_LAYERS), np.float32)
         voxels = {"energies": None, "layer0": (n, v), "pairs": (n, N_LAYERS, v)}[self.kind]
         voxels = None if voxels is None else np.empty(voxels, np.float32)
-        arrays = {name: self.store.array(self.split, name) for name in (E_INC, LAYER_E, VOXELS)}
+        names = (E_INC, LAYER_E) if voxels is None else (E_INC, LAYER_E, VOXELS)
         i = 0
-        for a, b in spans:
+        for k, (a, b) in zip(np.sort(chunk_ids), spans, strict=True):
             j = i + b - a
-            e_inc[i:j] = arrays[E_INC][a:b]
-            layer_e[i:j] = arrays[LAYER_E][a:b]
+            rows = read_chunk(self.store.path, self.store.root, self.split, int(k), c, names)
+            sel = slice(a - k * c, b - k * c)
+            e_inc[i:j] = rows[E_INC][sel]
+            layer_e[i:j] = rows[LAYER_E][sel]
             if voxels is not None:
-                voxels[i:j] = arrays[VOXELS][a:b, 0, :] if self.kind == "layer0" else arrays[VOXELS][a:b]
+                voxels[i:j] = rows[VOXELS][sel, 0, :] if self.kind == "layer0" else rows[VOXELS][sel]
             i = j
         return _Rows(e_inc, layer_e, voxels)
 

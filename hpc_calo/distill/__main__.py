@@ -15,6 +15,7 @@ from pathlib import Path
 
 from hpc_calo.distill.job import DistillRequest, distill
 from hpc_calo.errors import run_cli
+from hpc_calo.flags import non_negative_int, number
 from hpc_calo.train.args import add_training_arguments, ray_config, training_options
 
 
@@ -30,8 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", type=Path, required=True, help="run folder holding the trained teacher flow<k>/best.pt")
     p.add_argument("--flow", type=int, required=True, choices=(2, 3), help="which flow's student (flow-1 stays a MAF)")
     p.add_argument("--store", type=Path, help="pair store (default: the one recorded in RUN_DIR/run.json)")
-    p.add_argument("--beta", type=float, default=0.5, help="weight of the x-pass; the z-pass gets 1-beta (default 0.5)")
-    p.add_argument("--diagnostic-samples", type=int, default=10_000,
+    p.add_argument("--beta", type=number(float, "--beta", 0, 1), default=0.5,
+                   help="weight of the x-pass; the z-pass gets 1-beta (default 0.5)")
+    p.add_argument("--diagnostic-samples", type=non_negative_int("--diagnostic-samples"), default=10_000,
                    help="after distilling, score the best student on this many validation rows: the teacher's "
                         "log-likelihood of student vs teacher samples and a student-vs-teacher classifier AUC "
                         "(written to flow<k>_student/diagnostics.json); 0: skip (default 10000)")

@@ -10,6 +10,7 @@ from pathlib import Path
 from hpc_calo.errors import run_cli
 from hpc_calo.evaluate.config import METRIC_HELP, METRICS, EvaluateRequest
 from hpc_calo.evaluate.pipeline import evaluate
+from hpc_calo.flags import non_negative_int, positive_int
 from hpc_calo.seeding import DEFAULT_SEED
 
 
@@ -27,17 +28,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("gen", type=Path, help="generated showers (CaloChallenge HDF5)")
     p.add_argument("ref", type=Path, help="reference showers (CaloChallenge HDF5), e.g. dataset_2_2.hdf5")
     p.add_argument("--dataset", required=True, help="ds2 or ds3: the geometry both files must have")
-    p.add_argument("--out", required=True, type=Path, help="report directory (replaced atomically if it exists)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="report directory; an existing one is replaced atomically only if it is an earlier report "
+                        "(anything else, or a directory holding GEN or REF, is refused)")
     p.add_argument("--metrics", default=",".join(METRICS), help=f"comma-separated subset of {','.join(METRICS)}")
     p.add_argument("--device", default="cpu", help="cpu or cuda: where the classifiers train (default cpu)")
-    p.add_argument("--epochs", type=int, default=50, help="classifier epochs (official: 50)")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED,
+    p.add_argument("--epochs", type=positive_int("--epochs"), default=50,
+                   help="classifier epochs (official: 50)")
+    p.add_argument("--seed", type=non_negative_int("--seed"), default=DEFAULT_SEED,
                    help=f"seed for the splits, initialisation, shuffling, FPD/KPD (default {DEFAULT_SEED})")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads of the classifiers, 0: torch's default")
-    p.add_argument("--cls-hidden", type=int, default=2048, help="classifier width (official: 2048)")
-    p.add_argument("--cls-batch", type=int, default=1000, help="classifier batch size (official: 1000)")
-    p.add_argument("--buffer-mb", type=int, default=512, help="classifier shuffle buffer in MiB (bounds memory)")
-    p.add_argument("--block-size", type=int, default=None, help="showers per read block (default ~128 MiB)")
+    p.add_argument("--threads", type=non_negative_int("--threads"), default=0,
+                   help="torch CPU threads of the classifiers, 0: torch's default")
+    p.add_argument("--cls-hidden", type=positive_int("--cls-hidden"), default=2048,
+                   help="classifier width (official: 2048)")
+    p.add_argument("--cls-batch", type=positive_int("--cls-batch"), default=1000,
+                   help="classifier batch size (official: 1000)")
+    p.add_argument("--buffer-mb", type=positive_int("--buffer-mb"), default=512,
+                   help="classifier shuffle buffer in MiB (bounds memory)")
+    p.add_argument("--block-size", type=positive_int("--block-size"), default=None,
+                   help="showers per read block (default ~128 MiB)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     return p
 

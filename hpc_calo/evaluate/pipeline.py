@@ -31,8 +31,9 @@ from hpc_calo.evaluate.features import (
 )
 from hpc_calo.evaluate.histograms import HistResult, feature_histograms, log_edges
 from hpc_calo.evaluate.report import write_markdown
-from hpc_calo.geometry import get_geometry
-from hpc_calo.io import CaloFile
+from hpc_calo.geometry import Geometry, get_geometry
+from hpc_calo.io import CaloFile, check_file
+from hpc_calo.outputs import REPORT_DIR, REPORT_FORMAT, claim, storage_error
 
 
 def _warn(msg: str) -> None:
@@ -99,17 +100,33 @@ def group_summary(hists: list[HistResult]) -> dict[str, dict[str, float]]:
 
 
 def evaluate(cfg: EvaluateRequest) -> dict[str, object]:
-    """Run the evaluation and write REPORT_DIR atomically; return the report dictionary."""
+    """Run the evaluation and write REPORT_DIR atomically; return the report dictionary.
+
+    Before anything is computed: the report directory may replace only an earlier report (never an input or
+    a directory holding one), and both files pass the same streamed checks as ``io check``.
+    """
+    geo = get_geometry(cfg.dataset)
+    claim(cfg.out, REPORT_DIR, inputs=[cfg.gen, cfg.ref])
+    cls_cfg = _cls_config(cfg) if CLASSIFIERS & set(cfg.metrics) else None
+    n = sum(check_file(path, geo).n for path in (cfg.gen, cfg.ref))
+    # The low-level classifier's on-disk copy of both files dominates what the report directory needs.
+    needed = n * (1 + geo.n_voxels) * 4 if "cls-low" in cfg.metrics else 10 * 2**20
+    try:
+        return _evaluate(cfg, geo, cls_cfg)
+    except OSError as err:
+        mapped = storage_error(err, cfg.out.absolute().parent, needed)
+        if mapped is None:
+            raise
+        raise mapped from None
+
+
+def _evaluate(cfg: EvaluateRequest, geo: Geometry, cls_cfg: ClassifierConfig | None) -> dict[str, object]:
     t_start = time.perf_counter()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    geo = get_geometry(cfg.dataset)
-    if not cfg.out.parent.exists():
-        raise UserError(f"{cfg.out}: parent directory {cfg.out.parent} does not exist")
-    cls_cfg = _cls_config(cfg) if CLASSIFIERS & set(cfg.metrics) else None
     timings: dict[str, float] = {}
     report: dict[str, object] = {}
-    with CaloFile(cfg.gen, geo) as fg, CaloFile(cfg.ref, geo) as fr, atomic_path(cfg.out) as tmp:
+    with CaloFile(cfg.gen, geo) as fg, CaloFile(cfg.ref, geo) as fr, atomic_path(cfg.out, REPORT_DIR) as tmp:
         for f in (fg, fr):
             if f.n < 10:
                 raise UserError(f"{f.path}: {f.n} showers; the evaluation needs at least 10")
@@ -216,6 +233,7 @@ def evaluate(cfg: EvaluateRequest) -> dict[str, object]:
 
         timings["total_s"] = time.perf_counter() - t_start
         report = {
+            "format": REPORT_FORMAT,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "gen": str(cfg.gen),
             "ref": str(cfg.ref),

@@ -10,7 +10,7 @@ from hpc_calo.geometry import DATASETS, get_geometry
 from hpc_calo.io.check import check_file
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m hpc_calo.io",
         description="Tools for CaloChallenge 2022 HDF5 files (datasets 2 and 3).",
@@ -29,7 +29,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument(
         "--dataset", choices=sorted(DATASETS), help="expected dataset (default: inferred from the voxel count)"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     geometry = get_geometry(args.dataset) if args.dataset else None
     print(check_file(args.file, geometry).line())
     return 0

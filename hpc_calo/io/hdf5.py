@@ -6,6 +6,7 @@ so everything here works block by block.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -19,6 +20,7 @@ import numpy as np
 from hpc_calo.atomic import atomic_path
 from hpc_calo.errors import UserError
 from hpc_calo.geometry import Geometry, infer_geometry
+from hpc_calo.outputs import CALO_FILE, Kind, storage_error, writable_parent
 
 E_KEY = "incident_energies"
 S_KEY = "showers"
@@ -26,6 +28,11 @@ S_KEY = "showers"
 DEFAULT_BLOCK_BYTES = 128 * 2**20
 # HDF5 chunks near 4 MiB: large enough for gzip to work well, small enough for cheap partial reads.
 CHUNK_BYTES = 4 * 2**20
+# The largest file hpc-calo writes in one request (DS2: ~26 TB raw): beyond it a request is a typo, and the
+# plan, the incident energies and the progress counters would no longer be small.
+MAX_SHOWERS = 10**9
+# Up-front disk estimates count gzip output at this fraction of the raw size (zero voxels compress away).
+GZIP_ESTIMATE = 0.25
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,17 @@ class Block:
         return self.start + len(self.incident_energies)
 
 
+def output_bytes(geometry: Geometry, n: int, compression: str | None = "gzip") -> int:
+    """The estimated size of a file of ``n`` showers (raw for no compression)."""
+    raw = n * (4 * geometry.n_voxels + 8)
+    return raw if compression in (None, "none") else int(raw * GZIP_ESTIMATE)
+
+
+def first_line(err: BaseException) -> str:
+    # HDF5 errors carry a multi-line dump of its C error stack; the first line says what went wrong.
+    return (str(err).splitlines() or [type(err).__name__])[0]
+
+
 def rows_for_bytes(n_voxels: int, n_bytes: int = DEFAULT_BLOCK_BYTES) -> int:
     return max(1, n_bytes // (4 * n_voxels))
 
@@ -50,10 +68,13 @@ class CaloFile:
         self.path = Path(path)
         if not self.path.exists():
             raise UserError(f"{self.path}: no such file")
+        if self.path.is_dir():
+            raise UserError(f"{self.path}: is a directory, not a CaloChallenge HDF5 file")
         try:
             self._h5 = h5py.File(self.path, "r")
         except OSError as err:
-            raise UserError(f"{self.path}: not a readable HDF5 file (truncated or corrupt): {err}") from None
+            why = first_line(err)
+            raise UserError(f"{self.path}: not a readable HDF5 file (truncated or corrupt): {why}") from None
         try:
             self._check_structure(geometry)
         except BaseException:
@@ -103,7 +124,7 @@ class CaloFile:
             s = np.asarray(self._h5[S_KEY][start:stop], dtype=np.float32)
         except OSError as err:
             raise UserError(
-                f"{self.path}: rows {start}-{stop} cannot be read (truncated or corrupt): {err}"
+                f"{self.path}: rows {start}-{stop} cannot be read (truncated or corrupt): {first_line(err)}"
             ) from None
         return Block(start=start, incident_energies=e, showers=s)
 
@@ -129,7 +150,9 @@ def iter_blocks(
 class CaloWriter:
     """Append blocks of showers; the file appears at ``path`` only when the writer closes without error.
 
-    With ``n_total`` the datasets are preallocated and closing with fewer or more rows is an error.
+    With ``n_total`` the datasets are preallocated and closing with fewer or more rows is an error. An existing
+    file at ``path`` is replaced only if it is of ``kind`` (default: a CaloChallenge file; None for a command's
+    own files in a folder it owns). A full disk or read-only directory is one UserError and leaves nothing.
     """
 
     def __init__(
@@ -139,6 +162,7 @@ class CaloWriter:
         n_total: int | None = None,
         compression: str | None = "gzip",
         attrs: dict[str, object] | None = None,
+        kind: Kind | None = CALO_FILE,
     ) -> None:
         if compression not in (None, "none", "gzip"):
             raise UserError(f"unknown compression {compression!r}: choose gzip or none")
@@ -147,15 +171,39 @@ class CaloWriter:
         self.n_total = n_total
         self.compression = None if compression == "none" else compression
         self.attrs = attrs or {}
+        self.kind = kind
         self.n_written = 0
         self._stack = ExitStack()
 
     def __enter__(self) -> CaloWriter:
-        if not self.path.parent.exists():
-            raise UserError(f"{self.path}: directory {self.path.parent} does not exist")
-        if not os.access(self.path.parent, os.W_OK):
-            raise UserError(f"{self.path}: directory {self.path.parent} is not writable")
-        tmp = self._stack.enter_context(atomic_path(self.path))
+        writable_parent(self.path)
+        tmp = self._tmp = self._stack.enter_context(atomic_path(self.path, self.kind))
+        try:
+            self._create(tmp)
+        except BaseException as err:
+            self._fail(err)
+        return self
+
+    def _fail(self, err: BaseException) -> None:
+        """Close the HDF5 file, then let atomic_path remove its temporary, and re-raise (storage errors: one line).
+
+        On a full disk HDF5 cannot flush its cached chunks and metadata, so closing fails and leaves library
+        state that crashes the interpreter at exit. Emptying the doomed temporary first gives the close the
+        room it needs.
+        """
+        # Raw size: what compression saves on these showers is unknown, so the bound is what is certain.
+        mapped = storage_error(err, self.path.parent, output_bytes(self.geometry, self.n_total or self.n_written, None))
+        if mapped is not None:
+            with contextlib.suppress(OSError):
+                os.truncate(self._tmp, 0)
+        self._e = self._s = None
+        with contextlib.suppress(BaseException):  # the first error is the one to report
+            self._stack.__exit__(type(err), err, err.__traceback__)
+        if mapped is not None:
+            raise mapped from None
+        raise err
+
+    def _create(self, tmp: Path) -> None:
         self._h5 = self._stack.enter_context(h5py.File(tmp, "w"))
         n_vox = self.geometry.n_voxels
         n0 = self.n_total or 0
@@ -173,7 +221,6 @@ class CaloWriter:
         )
         for k, v in self.attrs.items():
             self._h5.attrs[k] = v
-        return self
 
     def write(self, incident_energies: np.ndarray, showers: np.ndarray) -> None:
         e = np.asarray(incident_energies, dtype=np.float64).reshape(-1, 1)
@@ -186,8 +233,11 @@ class CaloWriter:
             self._s.resize(b, axis=0)
         elif b > self.n_total:
             raise ValueError(f"writing rows {a}-{b} past the declared {self.n_total}")
-        self._e[a:b] = e
-        self._s[a:b] = s
+        try:
+            self._e[a:b] = e
+            self._s[a:b] = s
+        except (OSError, RuntimeError) as err:
+            self._fail(err)
         self.n_written = b
 
     def __exit__(
@@ -197,4 +247,9 @@ class CaloWriter:
             exc = ValueError(f"{self.path}: wrote {self.n_written} showers, expected {self.n_total}")
             self._stack.__exit__(type(exc), exc, None)
             raise exc
-        self._stack.__exit__(exc_type, exc, tb)
+        if exc is not None:
+            self._fail(exc)
+        try:
+            self._stack.__exit__(None, None, None)  # flush + close, then rename
+        except (OSError, RuntimeError) as err:
+            self._fail(err)

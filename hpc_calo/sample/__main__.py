@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hpc_calo.errors import run_cli
+from hpc_calo.flags import non_negative_int, number, positive_float, positive_int
+from hpc_calo.io.hdf5 import MAX_SHOWERS
 from hpc_calo.precision import PRECISION_HELP, PRECISIONS, add_renormalise_argument
 from hpc_calo.sample.backends import BACKENDS, sample
 from hpc_calo.sample.job import Launch, Output, SampleRequest
@@ -25,7 +27,9 @@ def parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--run", required=True, type=Path, help="run directory (run.json, flow*/best.pt)")
-    p.add_argument("--showers", required=True, type=int, help="number of showers N to produce")
+    p.add_argument("--showers", required=True, type=number(int, "--showers", 1, MAX_SHOWERS),
+                   help=f"number of showers N to produce (at most {MAX_SHOWERS:.0e}); refused up front when the "
+                   "parts and the output would not fit in the free space")
     p.add_argument("--out", required=True, type=Path, help="output CaloChallenge HDF5 file")
     p.add_argument(
         "--backend",
@@ -35,12 +39,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--shard-size",
-        type=int,
+        type=positive_int("--shard-size"),
         default=None,
         help="showers per shard, the unit of work and of resumption (default: ~256 MB of showers: DS2 10000, "
         "DS3 1000); part of the request: changing it changes the output",
     )
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED,
+    p.add_argument("--seed", type=non_negative_int("--seed"), default=DEFAULT_SEED,
                    help="request seed; row i's randomness depends on (seed, i) only, so the output equals "
                    f"python -m hpc_calo.generate's for the same seed (default {DEFAULT_SEED})")
     p.add_argument(
@@ -51,23 +55,24 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--emin",
-        type=float,
+        type=positive_float("--emin"),
         default=None,
         help="lower end (MeV) of log-uniform incident energies; default: the trained minimum",
     )
     p.add_argument(
         "--emax",
-        type=float,
+        type=positive_float("--emax"),
         default=None,
         help="upper end (MeV) of log-uniform incident energies; default: the trained maximum",
     )
-    p.add_argument("--batch-size", type=int, default=1000, help="showers per chain batch (part of the request)")
+    p.add_argument("--batch-size", type=positive_int("--batch-size"), default=1000,
+                   help="showers per chain batch (part of the request)")
     p.add_argument("--keep-parts", action="store_true", help="keep the parts directory after a successful gather")
     p.add_argument("--parts-dir", type=Path, default=None, help="parts directory (default: OUT.parts)")
     p.add_argument("--compression", choices=("gzip", "none"), default="gzip", help="compression of the output")
     p.add_argument(
         "--workers",
-        type=int,
+        type=positive_int("--workers"),
         default=None,
         help="local: processes (default 1); ray: actors (default one per GPU, or per CPU with --device cpu); "
         "mpi: ignored, the ranks are the workers",
@@ -75,7 +80,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda (Ray/MPI pick each worker's own GPU)")
     p.add_argument(
         "--threads",
-        type=int,
+        type=positive_int("--threads"),
         default=1,
         help="torch CPU threads per worker (default 1: one worker per core); part of the request, because "
         "results differ in the last bits with another thread count. Ray gives each actor this many CPUs",

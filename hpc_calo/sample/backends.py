@@ -8,9 +8,7 @@ MPI. ``ray`` and ``mpi4py`` are imported inside their backend so the local backe
 
 from __future__ import annotations
 
-import sys
 import time
-import traceback
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -18,7 +16,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from hpc_calo.errors import UserError
+from hpc_calo.errors import UserError, abort_world
 from hpc_calo.mpi import plan_on_rank0
 from hpc_calo.ray_session import ray_session
 from hpc_calo.sample.job import Launch, Outcome, Output, SampleRequest, finish, precheck, prepare, progress_bar
@@ -146,10 +144,9 @@ def run_mpi(req: Request, output: Output, launch: Launch) -> Outcome | None:
         if comm.Get_rank() == 0:
             raise
         return None
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-        comm.Abort(1)
+    except BaseException as err:
+        # Ctrl-C or a bug on one rank: the others would wait in a collective forever.
+        abort_world(comm, err)
         raise
 
 
@@ -188,12 +185,7 @@ def _mpi_body(MPI: Any, comm: Any, req: Request, output: Output, launch: Launch)
                     _refresh(bar, plan, parts.finished_indices())
     except BaseException as err:
         # The other ranks would wait at the barrier forever: stop the whole job (finished parts stay).
-        if isinstance(err, UserError):
-            print(f"error: rank {rank}: {err}", file=sys.stderr)
-        else:
-            traceback.print_exc()
-        sys.stderr.flush()
-        comm.Abort(2 if isinstance(err, UserError) else 1)
+        abort_world(comm, err)
     # Non-blocking barrier polled with sleeps: a blocking one would spin a core that other ranks need.
     barrier = comm.Ibarrier()
     while not barrier.Test():

@@ -117,7 +117,7 @@ def gather(
         if f.n != plan.n:
             raise RuntimeError(f"{out}: holds {f.n} showers after the gather, expected {plan.n}")
     if keep_parts:
-        parts.clean_temps()
+        parts.clean_temps(plan)
     else:
-        parts.remove()
+        parts.remove(plan)
     return Gathered(path=str(out), n=plan.n, seconds=time.perf_counter() - t0, bytes=out.stat().st_size)

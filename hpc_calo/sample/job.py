@@ -3,7 +3,6 @@ directory, and gather at the end. Backends only decide who generates which missi
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,8 @@ from tqdm import tqdm
 
 from hpc_calo import rundir
 from hpc_calo.errors import UserError
+from hpc_calo.io.hdf5 import output_bytes
+from hpc_calo.outputs import CALO_FILE, claim, refuse_inputs, require_space, writable_parent
 from hpc_calo.sample.gather import Gathered, gather
 from hpc_calo.sample.parts import PartsDir, default_parts_dir
 from hpc_calo.sample.plan import Plan, Request, make_plan
@@ -75,24 +76,31 @@ class Outcome:
         )
 
 
-def check_output(output: Output) -> None:
-    """Fail before any generation if the result could not be written."""
-    out = Path(output.path)
-    if out.is_dir():
-        raise UserError(f"{out}: is a directory; --out must name the HDF5 file to write")
-    for what, d in (("output", out.parent), ("parts", output.parts.path.parent)):
-        if not d.is_dir():
-            raise UserError(f"{out}: the {what} directory {d} does not exist")
-        if not os.access(d, os.W_OK | os.X_OK):
-            raise UserError(f"{out}: the {what} directory {d} is not writable")
+def check_output(req: Request, output: Output) -> None:
+    """Fail before any generation if the result could not be written or would replace what is not ours."""
+    inputs = [req.run_dir, req.energies]
+    claim(output.path, CALO_FILE, inputs)
+    parts = output.parts.path
+    refuse_inputs(parts, [*inputs, output.path])
+    if not parts.is_dir():
+        writable_parent(parts)
     if output.compression not in ("gzip", "none"):
         raise UserError(f"--compression must be gzip or none, not {output.compression!r}")
+
+
+def check_space(plan: Plan, output: Output, todo: list[int]) -> None:
+    """The parts still to generate (uncompressed) and the gathered file must fit in the free space."""
+    row = output_bytes(plan.geometry, 1, "none")
+    parts = sum(plan.shards[i].count for i in todo) * row
+    parts_dir = output.parts.path if output.parts.path.is_dir() else output.parts.path.parent
+    gathered = output_bytes(plan.geometry, plan.n, output.compression)
+    require_space((parts_dir, parts), (Path(output.path).parent, gathered))
 
 
 def precheck(req: Request, output: Output) -> None:
     """Everything checkable without loading the models."""
     req.check()
-    check_output(output)
+    check_output(req, output)
     rundir.require_run(req.run_dir)
 
 
@@ -100,9 +108,11 @@ def prepare(req: Request, output: Output, chain: Any) -> tuple[Plan, PartsDir, l
     """Plan against the loaded chain, claim the parts directory, and list the shards still to generate."""
     plan = make_plan(req, chain.geometry, chain.energy_range, run_digest(req.run_dir))
     parts = output.parts
+    done = parts.records(plan)  # only records of this request count, so reading before the claim is safe
+    todo = [i for i in range(len(plan.shards)) if i not in done]
+    check_space(plan, output, todo)
     parts.claim(plan)
-    done = parts.records(plan)
-    return plan, parts, [s.index for s in plan.shards if s.index not in done]
+    return plan, parts, todo
 
 
 def progress_bar(plan: Plan, todo: list[int], enabled: bool) -> tqdm:

@@ -15,10 +15,11 @@ leaves at most a temporary file or a part without a record, and both mean "not d
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import shutil
+import re
 import socket
 import time
 from collections.abc import Iterable
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from hpc_calo.atomic import atomic_path
+from hpc_calo.atomic import atomic_path, remove
 from hpc_calo.background import write_behind
 from hpc_calo.errors import UserError
 from hpc_calo.io import CaloWriter
@@ -116,7 +117,7 @@ class PartsDir:
         part = self.part_path(shard.index)
         digest = hashlib.sha256(np.ascontiguousarray(energies, dtype="<f8").data)
         # Uncompressed: parts are temporary and the gather re-chunks (and compresses) anyway.
-        with CaloWriter(part, plan.geometry, n_total=shard.count, compression="none") as w:
+        with CaloWriter(part, plan.geometry, n_total=shard.count, compression="none", kind=None) as w:
 
             def write(showers: np.ndarray) -> None:
                 showers = np.ascontiguousarray(showers, dtype="<f4")
@@ -146,10 +147,24 @@ class PartsDir:
         self.record_path(index).unlink(missing_ok=True)
         self.part_path(index).unlink(missing_ok=True)
 
-    def clean_temps(self) -> None:
-        """Drop temporary files that killed writers left behind (atomic_path names them '.NAME.tmp-PID')."""
-        for p in self.path.glob(".part-*.tmp-*"):
-            p.unlink(missing_ok=True)
+    def _own_temps(self, plan: Plan) -> Iterable[Path]:
+        # Every worker has finished when this runs, so the temporaries of any host are stale.
+        for entry in os.scandir(self.path):
+            name, tmp, _ = entry.name[1:].partition(".tmp-")
+            part = re.fullmatch(r"part-(\d{6,})\.(h5|json)", name)
+            if entry.name.startswith(".") and tmp and (name == REQUEST or (part and int(part[1]) < len(plan.shards))):
+                yield Path(entry.path)
 
-    def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+    def clean_temps(self, plan: Plan) -> None:
+        """Drop the temporaries that killed writers of this plan's parts left behind."""
+        for p in self._own_temps(plan):
+            remove(p)
+
+    def remove(self, plan: Plan) -> None:
+        """Remove what the sampler wrote here (never the user's files), then the directory if that empties it."""
+        self.clean_temps(plan)
+        for i in range(len(plan.shards)):
+            self.discard(i)
+        (self.path / REQUEST).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # other files are in it: not ours to delete
+            self.path.rmdir()

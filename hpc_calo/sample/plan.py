@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,14 +25,16 @@ from hpc_calo.digest import fingerprint
 from hpc_calo.errors import UserError
 from hpc_calo.geometry import Geometry, get_geometry
 from hpc_calo.io import CaloFile
+from hpc_calo.io.check import check_energies, check_trained_range
+from hpc_calo.io.hdf5 import MAX_SHOWERS
 from hpc_calo.precision import PRECISIONS
 from hpc_calo.seeding import DEFAULT_SEED, log_uniform_energies
 
 PLAN_VERSION = 2  # 2: rows seeded by their global index (hpc_calo.seeding)
 # A shard is generated in one call and held in memory once, so its default size keeps it near this.
 SHARD_BYTES = 256 * 2**20
-# Relative slack when comparing a requested energy range with the trained one (float round trips).
-_E_SLACK = 1e-9
+# Beyond this a request is a typo: every shard has a part file and a record in one directory.
+MAX_SHARDS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -55,8 +58,8 @@ class Request:
     threads: int = 1
 
     def check(self) -> None:
-        if self.n <= 0:
-            raise UserError(f"--showers must be positive, not {self.n}")
+        if not 0 < self.n <= MAX_SHOWERS:
+            raise UserError(f"--showers must be between 1 and {MAX_SHOWERS:.0e}, not {self.n}")
         if self.shard_size is not None and self.shard_size <= 0:
             raise UserError(f"--shard-size must be positive, not {self.shard_size}")
         if self.batch_size <= 0:
@@ -83,6 +86,25 @@ class Shard:
 
 
 @dataclass(frozen=True)
+class Shards(Sequence[Shard]):
+    """The shards of a plan, made on demand: a plan for a billion showers stays a few numbers."""
+
+    n: int
+    size: int
+
+    def __len__(self) -> int:
+        return -(-self.n // self.size)
+
+    def __getitem__(self, index: int) -> Shard:  # type: ignore[override]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"shard {index} of {len(self)}")
+        a = index * self.size
+        return Shard(index=index, start=a, count=min(self.size, self.n - a))
+
+
+@dataclass(frozen=True)
 class Plan:
     """Small and picklable (no shower or energy arrays): this is what travels to workers."""
 
@@ -90,7 +112,7 @@ class Plan:
     dataset: str
     emin: float  # range of the incident energies actually used (MeV)
     emax: float
-    shards: tuple[Shard, ...]
+    shards: Shards
     fingerprint: str
     description: dict[str, Any]  # the fingerprinted fields, for request.json and error messages
 
@@ -117,7 +139,9 @@ def default_shard_size(geometry: Geometry) -> int:
     return rows - rows % 10 ** int(math.log10(rows))
 
 
-def _energy_source(req: Request, geometry: Geometry, lo: float, hi: float) -> tuple[float, float, dict[str, Any]]:
+def _energy_source(
+    req: Request, geometry: Geometry, trained: tuple[float, float]
+) -> tuple[float, float, dict[str, Any]]:
     """The energy range used and the fingerprint fields of the energy source; raises on a bad source."""
     if req.energies is not None:
         path = Path(req.energies)
@@ -129,24 +153,15 @@ def _energy_source(req: Request, geometry: Geometry, lo: float, hi: float) -> tu
                 )
         with h5py.File(path, "r") as f:
             e = np.asarray(f["incident_energies"][: req.n, 0], dtype=np.float64)
-        if not np.all(np.isfinite(e)) or e.min() <= 0:
-            raise UserError(f"{path}: incident_energies contain non-positive, NaN or inf values")
+        check_energies(str(path), 0, e)
         emin, emax = float(e.min()), float(e.max())
-        if emin < lo * (1 - _E_SLACK) or emax > hi * (1 + _E_SLACK):
-            raise UserError(
-                f"{path}: incident energies {emin:.6g}..{emax:.6g} MeV reach outside the trained range "
-                f"{lo:.6g}..{hi:.6g} MeV of the run"
-            )
+        check_trained_range(str(path), emin, emax, trained)
         return emin, emax, {"energies_sha256": hashlib.sha256(e.data).hexdigest()}
-    emin = lo if req.emin is None else float(req.emin)
-    emax = hi if req.emax is None else float(req.emax)
+    emin = trained[0] if req.emin is None else float(req.emin)
+    emax = trained[1] if req.emax is None else float(req.emax)
     if not (0 < emin < emax):
         raise UserError(f"--emin {emin:.6g} MeV must be positive and below --emax {emax:.6g} MeV")
-    if emin < lo * (1 - _E_SLACK) or emax > hi * (1 + _E_SLACK):
-        raise UserError(
-            f"requested incident energies {emin:.6g}..{emax:.6g} MeV reach outside the trained range "
-            f"{lo:.6g}..{hi:.6g} MeV of {req.run_dir}"
-        )
+    check_trained_range("--emin/--emax", emin, emax, trained)
     return emin, emax, {"log_uniform_mev": [emin, emax]}
 
 
@@ -154,12 +169,12 @@ def make_plan(req: Request, geometry: Geometry, energy_range: tuple[float, float
     """Validate the request against the loaded run and split it into shards."""
     req.check()
     lo, hi = (float(x) for x in energy_range)
-    emin, emax, source = _energy_source(req, geometry, lo, hi)
     size = min(req.shard_size or default_shard_size(geometry), req.n)
-    shards = tuple(
-        Shard(index=i, start=a, count=min(size, req.n - a))
-        for i, a in enumerate(range(0, req.n, size))
-    )
+    shards = Shards(req.n, size)
+    if len(shards) > MAX_SHARDS:
+        raise UserError(f"{req.n} showers in shards of {size} make {len(shards)} shards, more than the "
+                        f"{MAX_SHARDS} a request may have; raise --shard-size")
+    emin, emax, source = _energy_source(req, geometry, (lo, hi))
     description: dict[str, Any] = {
         "plan_version": PLAN_VERSION,
         "dataset": geometry.name,

@@ -17,11 +17,17 @@ CHECKPOINT_VERSION = 1
 
 
 def rng_state() -> dict[str, Any]:
-    """Every RNG a training step may draw from (torch CPU and CUDA, numpy's global, Python's)."""
+    """Every RNG a training step may draw from (torch CPU and CUDA, numpy's global, Python's).
+
+    As tensors and plain types only, so that checkpoints load with ``weights_only=True``.
+    """
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, mt, gauss = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -30,8 +36,11 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(x) for x in p["state"].tolist()), p["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -47,8 +56,7 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    # RNG states hold numpy arrays and Python tuples: full unpickling of our own file.
-    return load_versioned(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "training checkpoint", weights_only=False)
+    return load_versioned(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "training checkpoint")
 
 
 def check_meta(path: str | os.PathLike[str], saved: dict[str, Any], current: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ from hpc_calo.errors import UserError
 from hpc_calo.flows.presets import Preset, get_preset
 from hpc_calo.geometry import Geometry
 from hpc_calo.models import FlowModel, flow_meta
+from hpc_calo.outputs import refuse_inputs, writable_parent
 from hpc_calo.seeding import DEFAULT_SEED
 from hpc_calo.train.checkpoint import check_meta, load_checkpoint
 from hpc_calo.train.config import TrainConfig
@@ -149,16 +150,22 @@ class Job:
 
     def prepare(self) -> None:
         """Check the run folder against this job and write run.json / config.json (driver or rank 0 only)."""
+        refuse_inputs(self.run_dir, [self.store_path])
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise UserError(f"{self.run_dir}: exists and is not a run folder; remove it or choose another --out")
+        if not self.run_dir.exists():
+            writable_parent(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         run_file = rundir.run_file(self.run_dir)
         record = self.run_record()
         if run_file.exists():
             old = rundir.read_run(self.run_dir)
-            for key in ("dataset", "preset"):
+            # The flows of one run condition on each other's outputs: they must see the same data.
+            for key in ("dataset", "preset", "store"):
                 if old.get(key) != record[key]:
                     raise UserError(
                         f"{run_file}: this run folder holds a {key} {old.get(key)!r} run, not {record[key]!r}; "
-                        "choose another --out"
+                        + (f"pass --store {old.get(key)} or " if key == "store" else "") + "choose another --out"
                     )
             # Keep the widest energy range any flow was trained on (they share one store normally).
             lo, hi = old.get("energy_range", record["energy_range"])
@@ -176,12 +183,15 @@ class Job:
 
 def train_config(opts: TrainingOptions, preset: Preset, flow: int, name: str, student: bool = False) -> TrainConfig:
     """The TrainConfig of a request: options where given, else the preset's defaults for the flow."""
+    def given(value: Any, default: Any) -> Any:
+        return default if value is None else value
+
     return TrainConfig(
-        epochs=opts.epochs or preset.default_epochs(flow, student),
+        epochs=given(opts.epochs, preset.default_epochs(flow, student)),
         steps=opts.steps,
         minutes=opts.minutes,
-        batch_size=opts.batch_size or preset.batch_size,
-        max_lr=opts.lr or preset.max_lr[flow],
+        batch_size=given(opts.batch_size, preset.batch_size),
+        max_lr=given(opts.lr, preset.max_lr[flow]),
         grad_clip=opts.grad_clip,
         seed=opts.seed,
         checkpoint_every=opts.checkpoint_every,

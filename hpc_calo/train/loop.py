@@ -15,9 +15,13 @@ untouched by it.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import math
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -31,7 +35,7 @@ from torch import nn
 
 from hpc_calo import rundir
 from hpc_calo.atomic import atomic_path
-from hpc_calo.errors import UserError
+from hpc_calo.errors import Stopped, UserError
 from hpc_calo.train.checkpoint import check_meta, load_checkpoint, rng_state, save_checkpoint, seed_all, set_rng_state
 from hpc_calo.train.config import TrainConfig
 
@@ -169,11 +173,56 @@ def _steps_for_time(cfg: TrainConfig, step: int, since: tuple[int, float], train
     return max(step + 1, s0 + int(float(rate_t[0]) * (cfg.minutes * 60 - trained_s)))
 
 
+class _StopSignals:
+    """SIGTERM / SIGINT (what SLURM, Ray and Ctrl-C send) stop a single-process ``fit`` after the current step,
+    which then writes a checkpoint and raises Stopped (the CLI exits 128 + signum).
+
+    Only in the main thread of a one-worker run, and only where the handler is still Python's default: a
+    launcher that handles the signal itself (submitit's requeue) keeps it. A second signal restores the
+    default, so it stops at once.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.old: dict[int, Any] = {}
+
+    def _caught(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        self._restore()
+
+    def _restore(self) -> None:
+        for sig, old in self.old.items():
+            signal.signal(sig, old)
+        self.old = {}
+
+    def watch(self, fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> dict[str, Any]:
+            world = inspect.signature(fn).bind(*args, **kwargs).arguments.get("world_size", 1)
+            self.signum = None
+            if world == 1 and threading.current_thread() is threading.main_thread():
+                for sig in self.SIGNALS:
+                    if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):
+                        self.old[sig] = signal.signal(sig, self._caught)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._restore()
+
+        return wrapper
+
+
+_STOP = _StopSignals()
+
+
 def _hms(s: float) -> str:
     s = int(s)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+@_STOP.watch
 def fit(
     model: nn.Module,
     train_loader: Any,
@@ -336,6 +385,11 @@ def _fit(model: nn.Module, train_loader: Any, val_loader: Any, cfg: TrainConfig,
                 checkpoint(epoch, step_in_epoch)
             if cfg.max_steps is not None and global_step >= cfg.max_steps:
                 return summary(stopped=True)
+            if _STOP.signum is not None and world_size == 1:
+                checkpoint(epoch, step_in_epoch)
+                name = signal.Signals(_STOP.signum).name
+                raise Stopped(_STOP.signum, f"[{cfg.name}] {name}: checkpoint written at step {global_step}; "
+                                            "re-run the same command to resume")
 
         train_total, train_rows = _all_mean(float(ep_loss), float(ep_rows), device)
         train_loss = train_total / train_rows if train_rows else math.nan
