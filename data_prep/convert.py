@@ -21,10 +21,9 @@ import argparse
 import os
 import resource
 import shutil
-import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,8 +48,6 @@ CONVERTER_VERSION = f"hpc-calo {__version__} data_prep.convert 1"
 BASE_BYTES = 300 * 2**20
 # Larger read blocks do not read faster; they only cost memory.
 MAX_BLOCK_BYTES = 128 * 2**20
-# A test hook: SIGKILL this process after it has written this many blocks (a real, uncatchable kill).
-KILL_ENV = "HPC_CALO_CONVERT_KILL_AFTER_BLOCKS"
 
 
 @dataclass(frozen=True)
@@ -67,6 +64,8 @@ class ConvertRequest:
     chunk_showers: int | None = None
     block_showers: int | None = None
     quiet: bool = False
+    # Called on every rank after each block it converted, with how many it has done (progress, fault injection).
+    after_block: Callable[[int], None] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -515,7 +514,6 @@ def _main(args: ConvertRequest, comm: Any, rank: int, size: int, t0: float) -> i
 
         total_rows = sum(b - a for a, b in (plan.chunk_rows(*c) for c in plan.pending))
         bar = tqdm(total=total_rows, unit="shower", desc=f"convert ({size} rank{'s' * (size > 1)})", file=sys.stderr)
-    kill_after = int(os.environ.get(KILL_ENV, "0"))
     try:
         for i in range(steps):
             err, rows = None, 0
@@ -531,8 +529,8 @@ def _main(args: ConvertRequest, comm: Any, rank: int, size: int, t0: float) -> i
                     err = str(_storage(e, args.out, plan) or "")
                     if not err:
                         raise
-                if kill_after and i + 1 >= kill_after:
-                    os.kill(os.getpid(), signal.SIGKILL)
+                if args.after_block is not None:
+                    args.after_block(i + 1)
             err, done = _agree(comm, err, rows)
             if bar is not None:
                 bar.update(done)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -14,7 +13,6 @@ import numpy as np
 import pytest
 import zarr
 
-from data_prep.convert import KILL_ENV
 from hpc_calo.data import open_store
 from hpc_calo.data.store import DONE, SPLITS, VOXELS
 from hpc_calo.errors import UserError
@@ -27,11 +25,28 @@ MPIEXEC = BIN / "mpiexec"
 SMALL = ["--chunk-showers", "32", "--block-showers", "64", "--quiet"]
 
 
-def convert(*args: object, ranks: int = 1, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+# The real converter, each rank SIGKILLing itself (uncatchable: no cleanup) after it has converted N blocks,
+# through the request's public per-block callback.
+KILLED_AFTER = """
+import os, signal, sys
+from dataclasses import replace
+from data_prep.convert import convert, parse_request
+
+def kill(blocks):
+    if blocks >= int(sys.argv[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+sys.exit(convert(replace(parse_request(sys.argv[2:]), after_block=kill)))
+"""
+
+
+def convert(*args: object, ranks: int = 1, kill_after: int | None = None) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "data_prep.convert", *map(str, args)]
+    if kill_after is not None:
+        cmd = [sys.executable, "-c", KILLED_AFTER, str(kill_after), *map(str, args)]
     if ranks > 1:
         cmd = [str(MPIEXEC), "-n", str(ranks), *cmd]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
 def content(store: Path) -> dict[str, object]:
@@ -104,7 +119,7 @@ def test_kill_and_resume_identical(reference: Path, inputs: list[Path], tmp_path
     out = tmp_path / "killed.zarr"
     cmd = ("--dataset", "ds2", *inputs, "--out", out, "--val-fraction", "0.2", *SMALL)
     # Rank processes SIGKILL themselves after 2 blocks each: a real kill, no cleanup; mpiexec tears down the job.
-    r = convert(*cmd, ranks=2, env={KILL_ENV: "2"})
+    r = convert(*cmd, ranks=2, kill_after=2)
     assert r.returncode != 0
     with pytest.raises(UserError, match="incomplete"):
         open_store(out)
@@ -230,6 +245,6 @@ def test_memory_budget_too_small(inputs: list[Path], tmp_path: Path) -> None:
     assert "--memory-gb" in line
 
 
-def test_sigkill_env_is_a_real_kill(inputs: list[Path], tmp_path: Path) -> None:
-    r = convert("--dataset", "ds2", *inputs, "--out", tmp_path / "k.zarr", *SMALL, env={KILL_ENV: "1"})
+def test_the_kill_is_a_real_kill(inputs: list[Path], tmp_path: Path) -> None:
+    r = convert("--dataset", "ds2", *inputs, "--out", tmp_path / "k.zarr", *SMALL, kill_after=1)
     assert r.returncode == -signal.SIGKILL

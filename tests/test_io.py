@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
+from hpc_calo.errors import UserError
 from hpc_calo.geometry import DS2, DS3
 from hpc_calo.io import CaloFile, CaloWriter, check_file, iter_blocks
 
@@ -227,3 +228,15 @@ def test_check_reads_a_copy_of_a_synthetic_file_unchanged(synthetic, tmp_path):
     before = copy.read_bytes()
     assert check_file(copy).n == 300
     assert copy.read_bytes() == before
+
+
+def test_the_trained_range_allows_only_the_sampling_margin() -> None:
+    """A reference file of the same distribution reaches a hair past the training sample's min/max: accepted;
+    anything beyond 2 % of the log span (a factor 1.15 for 1 GeV - 1 TeV) is extrapolation: refused."""
+    from hpc_calo.io.check import check_trained_range
+
+    trained = (1.1e3, 0.9e6)
+    check_trained_range("ref.h5", 1.0e3, 0.95e6, trained)
+    for emin, emax in ((1.1e3 / 1.2, 0.9e6), (1.1e3, 0.9e6 * 1.2)):
+        with pytest.raises(UserError, match=r"ref\.h5: incident energies .* outside the trained range"):
+            check_trained_range("ref.h5", emin, emax, trained)

@@ -274,10 +274,14 @@ def test_every_reader_applies_the_io_check_rules(run_copy: Path, tmp_path: Path)
     one_line(run("hpc_calo.generate", "--run", run_copy, "--energies", low, "--out", tmp_path / "g.h5",
                  "--no-progress"),
              "incident energy 500 MeV at row 5 is outside")
-    lo, hi = json.loads((run_copy / "run.json").read_text())["energy_range"]
-    outside = calo_file(tmp_path / "outside.h5", np.full(20, (hi + 1e6) / 2 if hi < 0.99e6 else (lo + 1e3) / 2))
+    # Valid energies well outside what the run records as trained (narrowed: the tiny run spans nearly 1 GeV-1 TeV).
+    narrow = tmp_path / "narrow"
+    shutil.copytree(run_copy, narrow)
+    record = json.loads((narrow / "run.json").read_text())
+    (narrow / "run.json").write_text(json.dumps({**record, "energy_range": [1e4, 1e5]}))
+    outside = calo_file(tmp_path / "outside.h5", np.full(20, 5e5))
     for module in ("hpc_calo.generate", "hpc_calo.sample"):
-        one_line(run(module, "--run", run_copy, "--energies", outside, "--showers", "20", "--out",
+        one_line(run(module, "--run", narrow, "--energies", outside, "--showers", "20", "--out",
                      tmp_path / "g.h5", "--no-progress"), "outside the trained range")
 
     good = calo_file(tmp_path / "good.h5", np.full(20, 5e3))
