@@ -102,7 +102,7 @@ def test_spline_inverse_inverts_the_nflows_forward_spline() -> None:
     y, _ = unconstrained_rational_quadratic_spline(
         x, params[..., :k], params[..., k : 2 * k], params[..., 2 * k :], tails="linear", tail_bound=14.0
     )
-    back = rq_spline_inverse(y, params.transpose(1, 2), k, 14.0, 1e-3, 1e-3, 1e-3)
+    back = rq_spline_inverse(y, params.transpose(1, 2), 14.0, 1e-3, 1e-3, 1e-3)
     assert (back - x).abs().max() < 1e-9
 
 

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from nflows import distributions, flows, transforms
 
+from hpc_calo.flows.spline import parameter_major, rq_spline
+
 
 @dataclass(frozen=True)
 class FlowSpec:
@@ -40,10 +42,29 @@ def permutations(spec: FlowSpec) -> list[torch.Tensor]:
     return perms
 
 
+class SplineAutoregressiveTransform(transforms.MaskedPiecewiseRationalQuadraticAutoregressiveTransform):
+    """nflows' masked autoregressive rational-quadratic spline block with linear tails, its spline replaced by
+    the vectorised one of ``hpc_calo.flows.spline``: same parameters and state_dict, same maths to rounding, ~2x
+    faster teacher training steps on CPU (bench/spline.py), no host sync on a GPU. The teachers' blocks, and the
+    students' through ``InverseSplineAutoregressiveTransform``."""
+
+    def _elementwise(self, inputs, autoregressive_params, inverse=False):
+        if self.tails != "linear" or hasattr(self.autoregressive_net, "hidden_features"):
+            # Not our blocks (nflows rescales widths and heights for MADEs with ``hidden_features``; its
+            # MADE has none): nflows' own spline.
+            return super()._elementwise(inputs, autoregressive_params, inverse)
+        params = parameter_major(autoregressive_params, inputs.shape[1])  # (B, 3K-1, D)
+        outputs, logabsdet = rq_spline(
+            inputs, params, inverse, float(self.tail_bound), self.min_bin_width, self.min_bin_height,
+            self.min_derivative,
+        )
+        return outputs, logabsdet.sum(dim=1)
+
+
 def made_transform(
     spec: FlowSpec, hidden: int | None = None, cls: type | None = None
-) -> transforms.MaskedPiecewiseRationalQuadraticAutoregressiveTransform:
-    cls = cls or transforms.MaskedPiecewiseRationalQuadraticAutoregressiveTransform
+) -> SplineAutoregressiveTransform:
+    cls = cls or SplineAutoregressiveTransform
     return cls(
         features=spec.features,
         hidden_features=hidden or spec.hidden,
@@ -60,7 +81,7 @@ def made_transform(
     )
 
 
-class InverseSplineAutoregressiveTransform(transforms.MaskedPiecewiseRationalQuadraticAutoregressiveTransform):
+class InverseSplineAutoregressiveTransform(SplineAutoregressiveTransform):
     """A student block: its one-pass direction applies the INVERSE spline to the MADE's parameters.
 
     Wrapped in ``InverseTransform``, the student's sampling direction (z -> x) computes the spline parameters

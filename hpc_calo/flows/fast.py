@@ -5,9 +5,8 @@ What it removes from the plain nflows path (``flow._transform.inverse``), all wi
 - permutations: folded into the weights (each block's input columns and output rows are reordered so that
   the data never move), leaving one gather at the very end;
 - the context: the context layers of all blocks are stacked into one GEMM per call;
-- the spline: a vectorised inverse rational-quadratic spline without nflows' boolean-mask scatter/gather of
-  inside/outside points, computing only what sampling needs (no log-determinant), and gathering before the
-  softplus of the derivatives;
+- the spline: ``hpc_calo.flows.spline.rq_spline`` in its parameter-major layout (no boolean-mask scatter/gather
+  of inside/outside points, softplus only of the gathered derivatives), without the log-determinant;
 - optionally ``torch.compile`` (fuses the spline's elementwise chain) and, on a GPU, a CUDA graph replay.
 
 Numerics: float64 and float32 agree with nflows to rounding (tests/test_fast.py). ``matmul_dtype=torch.bfloat16``
@@ -24,54 +23,20 @@ import torch.nn.functional as F
 from nflows import flows, transforms
 from torch import nn
 
-from hpc_calo.flows.build import InverseSplineAutoregressiveTransform
+from hpc_calo.flows.build import InverseSplineAutoregressiveTransform, SplineAutoregressiveTransform
 from hpc_calo.flows.passes import is_student
+from hpc_calo.flows.spline import rq_spline
 
 
 def rq_spline_inverse(
-    y: torch.Tensor,
-    params: torch.Tensor,
-    bins: int,
-    bound: float,
-    min_width: float,
-    min_height: float,
-    min_derivative: float,
+    y: torch.Tensor, params: torch.Tensor, bound: float, min_width: float, min_height: float, min_derivative: float
 ) -> torch.Tensor:
     """Inverse of nflows' rational-quadratic spline with linear tails on [-bound, bound]; outputs only.
 
-    ``params`` is (B, 3 * bins - 1, D), parameter-major (FastStudent reorders the MADE's output rows so):
-    unnormalised widths, heights, inner derivatives. Parameter-major makes the softmax and cumsum over the
-    bins run along a strided axis with D contiguous, which ATen vectorises (5x faster than over a last axis of
-    8 on CPU). Only the bin each point falls in is transformed to [-bound, bound]; nflows' formulas otherwise.
+    ``params`` is (B, 3 * bins - 1, D), parameter-major (FastStudent reorders the MADE's output rows so), the
+    layout ``hpc_calo.flows.spline.rq_spline`` works in: no reordering here, and no log-determinant.
     """
-    k = bins
-    wh = torch.softmax(params[:, : 2 * k].unflatten(1, (2, k)), dim=2)  # (B, 2, K, D): widths, heights
-    wh[:, 0].mul_(1 - min_width * k).add_(min_width)
-    wh[:, 1].mul_(1 - min_height * k).add_(min_height)
-    cum = torch.cumsum(wh, dim=2)  # knot k+1 (knot 0 is 0; knot K is pinned to 1 below, as nflows pins it)
-    scale = 2 * bound
-    idx = ((y + bound) / scale).unsqueeze(1).ge(cum[:, 1, : k - 1]).sum(dim=1)  # (B, D) bin of y in 0..K-1
-    first, last = idx == 0, idx == k - 1
-    lo_i = (idx - 1).clamp_(min=0).unsqueeze(1).unsqueeze(1).expand(-1, 2, 1, -1)
-    hi_i = idx.unsqueeze(1).unsqueeze(1).expand(-1, 2, 1, -1)
-    lo = torch.where(first.unsqueeze(1), 0.0, cum.gather(2, lo_i).squeeze(2)) * scale - bound  # (B, 2, D)
-    hi = torch.where(last.unsqueeze(1), 1.0, cum.gather(2, hi_i).squeeze(2)) * scale - bound
-    x_k, y_k = lo[:, 0], lo[:, 1]
-    bw, bh = hi[:, 0] - x_k, hi[:, 1] - y_k
-    # Derivatives at the bin's knots; the outer knots have derivative 1 (linear tails).
-    ud = params[:, 2 * k :]
-    d0 = torch.where(first, 1.0, min_derivative + F.softplus(ud.gather(1, lo_i[:, 0]).squeeze(1)))
-    d1 = torch.where(last, 1.0, min_derivative + F.softplus(ud.gather(1, hi_i[:, 0].clamp(max=k - 2)).squeeze(1)))
-    delta = bh / bw
-    dy = y - y_k
-    s = d0 + d1 - 2 * delta
-    a = dy * s + bh * (delta - d0)
-    b = bh * d0 - dy * s
-    c = -delta * dy
-    root = (2 * c) / (-b - torch.sqrt(b * b - 4 * a * c))
-    x = root * bw + x_k
-    inside = (y >= -bound) & (y <= bound)
-    return torch.where(inside, x, y)
+    return rq_spline(y, params, True, bound, min_width, min_height, min_derivative, logdet=False)[0]
 
 
 CPU_CHUNK_BYTES = 8 * 2**20  # spline parameters per CPU chunk in FastStudent.forward
@@ -176,7 +141,7 @@ class FastStudent(nn.Module):
             for j in range(self.n_hidden):
                 t = torch.relu(self._linear(t, f"w_h{i}_{j}", f"b_h{i}_{j}"))
             p = self._linear(t, f"w_out{i}", f"b_out{i}").view(bsz, self.n_par, self.features)
-            u = self.spline(u, p, self.bins, self.bound, self.min_width, self.min_height, self.min_derivative)
+            u = self.spline(u, p, self.bound, self.min_width, self.min_height, self.min_derivative)
         return u.index_select(1, self.out_index)
 
     sample = forward
@@ -206,7 +171,7 @@ class FastMAF(nn.Module):
                 self.steps.append(("perm", n_perm))
                 n_perm += 1
                 continue
-            if type(t) is not transforms.MaskedPiecewiseRationalQuadraticAutoregressiveTransform:
+            if not isinstance(t, SplineAutoregressiveTransform) or isinstance(t, InverseSplineAutoregressiveTransform):
                 raise TypeError("FastMAF needs a teacher flow from hpc_calo.flows.build.build_maf")
             made = t.autoregressive_net
             if made.use_residual_blocks or made.activation is not F.relu or not hasattr(made, "context_layer"):
@@ -257,7 +222,7 @@ class FastMAF(nn.Module):
                     src, width = hs[li], hi
             width = bounds[-1][d]  # feature d + 1 (degree d + 1) sees the last layer's units of degree <= d
             p = F.linear(hs[-1][:, :width], w_out[d, :, :width], b_out[d])
-            x[:, d] = rq_spline_inverse(z[:, d : d + 1], p.unsqueeze(2), self.bins, self.bound, self.min_width,
+            x[:, d] = rq_spline_inverse(z[:, d : d + 1], p.unsqueeze(2), self.bound, self.min_width,
                                         self.min_height, self.min_derivative)[:, 0]
         return x
 
