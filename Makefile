@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 quickstart: setup
-	$(PY) -m launch.submit --cluster local --dataset ds2 --synthetic 3000 --preset quickstart --showers 2000 --out runs/quickstart
+	$(PY) -m launch.submit --cluster local --dataset ds2 --synthetic 3000 --preset quickstart --jobs 2 --showers 2000 --out runs/quickstart
 	$(PY) -m bench.quickstart_bars runs/quickstart/report
 
 test: setup

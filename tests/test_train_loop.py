@@ -166,6 +166,15 @@ def test_quickstart_preset_models_energy_fractions() -> None:
     from hpc_calo.flows.presets import get_preset
 
     p = get_preset("quickstart")
-    assert p.energies == "fractions" and p.default_epochs(3, student=True) <= p.default_epochs(3)
+    assert p.energies == "fractions"
+    # Flow-3 and its student train for less than an epoch: a step budget, which a budget of the request replaces.
+    from hpc_calo.train.job import TrainingOptions, train_config
+
+    assert p.default_steps(3) and p.default_steps(3, student=True)
+    for student in (False, True):
+        assert train_config(TrainingOptions(), p, 3, "f", student).steps == p.default_steps(3, student)
+        own = train_config(TrainingOptions(epochs=2), p, 3, "f", student)
+        assert (own.epochs, own.steps) == (2, None)
+    assert train_config(TrainingOptions(), p, 1, "f").steps is None
     m = FlowModel.from_preset(1, DS2, "quickstart")
     assert m.meta()["energies"] == "fractions"

@@ -36,9 +36,15 @@ class Preset:
     epochs: dict[int, int] = field(default_factory=lambda: {1: 100, 2: 100, 3: 50})
     student_epochs: dict[int, int] | None = None  # distillation epochs of flows 2 and 3; None: as ``epochs``
     energies: str = "absolute"  # flow-1's encoding of the layer energies (hpc_calo.preprocess.ENERGY_ENCODINGS)
+    # Optimiser-step budgets that replace the epochs of some flows ("flow3", "flow3_student", ...): for budgets
+    # shorter than one epoch of flow-3, which sees ~44 pairs per shower.
+    steps: dict[str, int] = field(default_factory=dict)
 
     def default_epochs(self, flow: int, student: bool = False) -> int:
         return (self.student_epochs or self.epochs)[flow] if student else self.epochs[flow]
+
+    def default_steps(self, flow: int, student: bool = False) -> int | None:
+        return self.steps.get(f"flow{flow}" + ("_student" if student else ""))
 
     def context(self, flow: int, geometry: Geometry) -> int:
         v = geometry.voxels_per_layer
@@ -86,15 +92,18 @@ PRESETS: dict[str, Preset] = {
             batch_size=500,
             energies="fractions",
         ),
-        # The quickstart's: sized so the whole pipeline runs in about five minutes on two cores. Flow-1 (cheap, and
-        # it alone sets every layer energy and so the energy response) trains longest; the shape flows briefly.
+        # The quickstart's: sized so the whole pipeline runs in about five minutes on two cores (``--jobs 2``:
+        # flow-3 on one core while flows 1 and 2 train on the other; then the two students side by side). Flow-1
+        # (cheap, and it alone sets every layer energy and so the energy response) trains longest; the shape
+        # flows briefly.
         Preset(
             "quickstart",
             None,
             {1: FlowArch(64, 1), 2: FlowArch(64, 1, 64), 3: FlowArch(64, 1, 64)},
             blocks=4,
-            epochs={1: 60, 2: 20, 3: 2},
+            epochs={1: 60, 2: 20, 3: 1},
             student_epochs={2: 10, 3: 1},
+            steps={"flow3": 500, "flow3_student": 150},
             max_lr={1: 3e-3, 2: 3e-3, 3: 2e-3},
             batch_size=256,
             energies="fractions",

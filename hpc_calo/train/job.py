@@ -186,9 +186,11 @@ def train_config(opts: TrainingOptions, preset: Preset, flow: int, name: str, st
     def given(value: Any, default: Any) -> Any:
         return default if value is None else value
 
+    # Any budget the request names replaces the preset's whole budget for the flow (its epochs and steps).
+    own_budget = any(v is not None for v in (opts.epochs, opts.steps, opts.minutes))
     return TrainConfig(
         epochs=given(opts.epochs, preset.default_epochs(flow, student)),
-        steps=opts.steps,
+        steps=opts.steps if own_budget else preset.default_steps(flow, student),
         minutes=opts.minutes,
         batch_size=given(opts.batch_size, preset.batch_size),
         max_lr=given(opts.lr, preset.max_lr[flow]),
