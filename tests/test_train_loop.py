@@ -178,3 +178,15 @@ def test_quickstart_preset_models_energy_fractions() -> None:
     assert train_config(TrainingOptions(), p, 1, "f").steps is None
     m = FlowModel.from_preset(1, DS2, "quickstart")
     assert m.meta()["energies"] == "fractions"
+
+
+def test_a_fractions_flow1_resumes(store: Path, tmp_path: Path) -> None:
+    """The checkpoint of a flow-1 with the `fractions` encoding is recognised as the same model on resume."""
+    from hpc_calo.train.__main__ import main as train
+
+    args = ["--flow", "1", "--store", str(store), "--preset", "quickstart", "--out", str(tmp_path / "r"),
+            "--epochs", "2", "--log-every", "1000", "--threads", "1"]
+    train([*args, "--max-steps", "2", "--checkpoint-every", "1"])
+    assert rundir.checkpoint_in(tmp_path / "r" / "flow1").exists()
+    assert train(args) in (0, None)
+    assert rundir.weights(tmp_path / "r", 1).exists()

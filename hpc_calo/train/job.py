@@ -113,8 +113,9 @@ class Job:
         return model.to(self.cfg.torch_dtype)
 
     def model_meta(self) -> dict[str, Any]:
-        spec = get_preset(self.preset).spec(self.flow, self.geometry, self.student)
-        return flow_meta(self.flow, self.geometry, spec, self.student, self.preset)
+        preset = get_preset(self.preset)
+        spec = preset.spec(self.flow, self.geometry, self.student)
+        return flow_meta(self.flow, self.geometry, spec, self.student, self.preset, preset.energies)
 
     def make_loaders(
         self, rank: int = 0, world_size: int = 1, memory_gb: float | None = None, pin: bool | None = None
