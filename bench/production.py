@@ -6,6 +6,10 @@ workers on the local, Ray and MPI backends; the gather's time as a fraction of t
 before it starts). Without ``--run`` it builds the test-sized run (tiny DS2 teachers trained one epoch on 40
 synthetic showers, randomly initialised students), so the figures are for that tiny model: they show the
 sampler's overheads and scaling, not the speed of a production model. GPU: not measured here.
+
+``--writer`` measures only the output writer instead: DS2 showers/s with gzip through ``CaloWriter`` with 1 and
+2 compression threads, compressing alone (the thread pool, no file) and writing a whole file end to end, next
+to h5py's own single-threaded filters; synthetic GFlash showers, cases interleaved, median of ``--reps``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.report import emit
+from bench.report import emit, machine
 
 PY = sys.executable
 BIN = Path(PY).parent
@@ -93,13 +97,78 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "rss_before_mb": before /
 """
 
 
+def bench_writer(n: int, reps: int, root: Path) -> dict[str, Any]:
+    import statistics
+    from concurrent.futures import ThreadPoolExecutor
+
+    import h5py
+
+    from data_prep.synth import generate_blocks
+    from hpc_calo.geometry import DS2
+    from hpc_calo.io import CaloWriter
+    from hpc_calo.io.hdf5 import CHUNK_BYTES, GZIP_LEVEL, S_KEY, gzip_chunk, rows_for_bytes
+
+    e, s = next(generate_blocks(DS2, n, seed=1, block_size=n))
+    block, chunk = 1000, rows_for_bytes(DS2.n_voxels, CHUNK_BYTES)  # the writer's chunk rows when n >= chunk
+
+    def compress(threads: int) -> None:
+        with ThreadPoolExecutor(threads) as pool:
+            for _ in pool.map(gzip_chunk, (s[a : a + chunk] for a in range(0, n - n % chunk, chunk))):
+                pass
+
+    def writer(threads: int) -> None:
+        with CaloWriter(root / "w.h5", DS2, n_total=n, threads=threads) as w:
+            for a in range(0, n, block):
+                w.write(e[a : a + block], s[a : a + block])
+
+    def h5py_filters() -> None:  # the writer before: h5py's filters, one thread
+        with h5py.File(root / "h.h5", "w") as f:
+            d = f.create_dataset(S_KEY, shape=s.shape, dtype="f4", chunks=(chunk, DS2.n_voxels), compression="gzip",
+                                 compression_opts=GZIP_LEVEL, shuffle=True)
+            for a in range(0, n, block):
+                d[a : a + block] = s[a : a + block]
+
+    whole = n - n % chunk
+    cases = {"compress_1_thread": (lambda: compress(1), whole), "compress_2_threads": (lambda: compress(2), whole),
+             "write_h5py_filters": (h5py_filters, n), "write_1_thread": (lambda: writer(1), n),
+             "write_2_threads": (lambda: writer(2), n)}
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    load_before = os.getloadavg()
+    for _ in range(reps):
+        for name, (fn, _rows) in cases.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    rate = {k: round(rows / statistics.median(times[k]), 1) for k, (_fn, rows) in cases.items()}
+    return {
+        "bench": "production --writer", "dataset": "ds2", "showers": n, "block_rows": block, "reps": reps,
+        "showers_per_s_median": rate,
+        "seconds_each_rep": {k: [round(x, 3) for x in v] for k, v in times.items()},
+        "compress_2_over_1": round(rate["compress_2_threads"] / rate["compress_1_thread"], 2),
+        "write_2_over_1": round(rate["write_2_threads"] / rate["write_1_thread"], 2),
+        "write_2_over_h5py": round(rate["write_2_threads"] / rate["write_h5py_filters"], 2),
+        "file_mb": round((root / "w.h5").stat().st_size / 2**20, 1),
+        "loadavg_before": [round(x, 2) for x in load_before],
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "machine": machine(),
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.production", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer showers (a smoke run)")
+    p.add_argument("--writer", action="store_true", help="measure only the output writer (gzip threads)")
+    p.add_argument("--reps", type=int, default=5, help="--writer: repetitions of every case (default 5)")
+    p.add_argument("--note", default="", help="--writer: a note for the JSON (what else ran on the machine)")
     p.add_argument("--run", type=Path, help="run directory to benchmark (default: build the tiny test run)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (one worker per GPU)")
     p.add_argument("--out", type=Path, help="also write the JSON here")
     args = p.parse_args(argv)
+    if args.writer:
+        with tempfile.TemporaryDirectory(prefix="bench-writer-") as tmp:
+            report = bench_writer(500 if args.quick else 4000, 2 if args.quick else args.reps, Path(tmp))
+        emit({**report, "note": args.note}, args.out, indent=1)
+        return 0
     n, shard = (60, 10) if args.quick else (400, 25)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     with tempfile.TemporaryDirectory(prefix="bench-prod-") as tmp:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from hpc_calo import preprocess as pp
 from hpc_calo import rundir
 from hpc_calo.background import write_behind
+from hpc_calo.cpus import torch_threads
 from hpc_calo.errors import UserError, run_cli
 from hpc_calo.flags import non_negative_int, number, positive_int
 from hpc_calo.flows import fast_sampler
@@ -263,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--students", choices=("auto", "yes", "no"), default="auto",
                    help="flows 2/3: students where trained (auto), required (yes) or teachers (no)")
     p.add_argument("--threads", type=non_negative_int("--threads"), default=0,
-                   help="torch CPU threads, 0: torch's default")
+                   help="torch CPU threads, 0: the CPUs this process owns")
     add_renormalise_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -283,7 +284,7 @@ class GenerateRequest:
     dtype: str = "float32"
     students: bool | None = None  # None: students where trained
     renormalise: bool = True  # each generated layer sums exactly to flow-1's layer energy
-    threads: int = 0  # torch CPU threads; 0: torch's default
+    threads: int = 0  # torch CPU threads; 0: the CPUs this process owns
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -306,8 +307,7 @@ def generate(req: GenerateRequest) -> int:
     claim(req.out, CALO_FILE, inputs=[req.run, req.energies])
     if req.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {req.device}: no CUDA device is available")
-    if req.threads > 0:
-        torch.set_num_threads(req.threads)
+    torch_threads(req.threads)
     dtype, matmul_dtype = resolve(req.dtype)
     chain = Chain.load(req.run, req.device, dtype, req.students, matmul_dtype=matmul_dtype,
                        renormalise=req.renormalise)

@@ -11,7 +11,6 @@ resumes (the converter, the training loop and the sampler all resume by themselv
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hpc_calo.cpus import owned_cpus
 from hpc_calo.errors import UserError
 from launch.config import STAGES, PipelineConfig
 
@@ -64,10 +64,10 @@ def _threads(cfg: PipelineConfig, default: int) -> int:
 
 def _training_threads(cfg: PipelineConfig) -> int:
     """Per training process: the cores shared out between side-by-side jobs (oversubscribed torch threads make
-    training many times slower); 0, torch's own choice, for a single job."""
+    training many times slower); 0, the CPUs this process owns, for a single job."""
     if cfg.jobs == 1:
         return _threads(cfg, 0)
-    return _threads(cfg, max(1, len(os.sched_getaffinity(0)) // cfg.jobs))
+    return _threads(cfg, max(1, owned_cpus() // cfg.jobs))
 
 
 def _ray(cfg: PipelineConfig, where: Where) -> Any:

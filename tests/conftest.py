@@ -17,12 +17,14 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 @pytest.fixture
-def one_thread() -> Iterator[None]:
-    """One torch thread for tests of small models: on the 2 shared cores of CI, OpenMP threads spinning
-    against each other make small ops ~10x slower."""
+def one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """One torch thread for tests of small models: on the 2 shared cores of CI, OpenMP threads waiting on each
+    other make small ops ~10x slower. The test owns one CPU, so code that sizes its threads itself
+    (``hpc_calo.cpus``) picks one too."""
     import torch
 
     n = torch.get_num_threads()
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)

@@ -95,6 +95,66 @@ def test_short_write_is_an_error_and_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def _h5py_gzip_file(path, s):
+    """The showers as h5py's own filters write them: the single-threaded path the writer must match."""
+    chunk_rows = min(161, len(s))  # CaloWriter's chunk: ~4 MiB of DS2 rows, or all rows when fewer
+    with h5py.File(path, "w") as f:
+        f.create_dataset("showers", data=s, chunks=(chunk_rows, s.shape[1]), compression="gzip",
+                         compression_opts=4, shuffle=True)
+    return path
+
+
+@pytest.mark.parametrize(("n", "threads"), [(1, 2), (100, 2), (161, 1), (500, 2), (1000, 3)])
+def test_parallel_gzip_is_read_back_exactly_as_h5py_writes_it(tmp_path, n, threads):
+    """N below one chunk, exactly one chunk, and partial last chunks; blocks that straddle chunks, handed over
+    from one buffer the caller overwrites at once (as the gather does)."""
+    e, s = _valid_arrays(n, DS2, seed=n)
+    target = tmp_path / "out.h5"
+    block = np.empty((70, DS2.n_voxels), dtype=np.float32)
+    with CaloWriter(target, DS2, n_total=n, threads=threads) as w:
+        for a in range(0, n, 70):
+            k = min(70, n - a)
+            block[:k] = s[a : a + k]
+            w.write(e[a : a + k, 0], block[:k])
+            block[:] = np.nan
+    ref = _h5py_gzip_file(tmp_path / "ref.h5", s)
+    with h5py.File(target, "r") as f, h5py.File(ref, "r") as g:
+        got, want = f["showers"], g["showers"]
+        assert (got.dtype, got.shape, got.chunks) == (want.dtype, want.shape, want.chunks) == (
+            np.float32, (n, DS2.n_voxels), (min(161, n), DS2.n_voxels))
+        assert (got.compression, got.compression_opts, got.shuffle) == ("gzip", 4, True)
+        assert got.id.get_num_chunks() == want.id.get_num_chunks() == -(-n // min(161, n))
+        assert got[:].tobytes() == want[:].tobytes() == s.tobytes()
+        np.testing.assert_array_equal(f["incident_energies"][:], e)
+        assert dict(f.attrs) == {}  # the thread count is recorded nowhere
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5", "ref.h5"]
+
+
+@pytest.mark.parametrize("where", ["caller", "compression"])
+def test_an_error_with_chunks_in_flight_leaves_no_file(tmp_path, monkeypatch, where):
+    import hpc_calo.io.hdf5 as hdf5
+
+    e, s = _valid_arrays(1000)
+    target = tmp_path / "mid.h5"
+    if where == "compression":
+        real, calls = hdf5.gzip_chunk, []
+
+        def failing(rows):
+            calls.append(rows)
+            if len(calls) == 3:
+                raise MemoryError("boom")
+            return real(rows)
+
+        monkeypatch.setattr(hdf5, "gzip_chunk", failing)
+    exc = RuntimeError if where == "caller" else MemoryError
+    with pytest.raises(exc, match="boom"), CaloWriter(target, DS2, n_total=1000, threads=2) as w:
+        for a in range(0, 1000, 100):
+            w.write(e[a : a + 100, 0], s[a : a + 100])
+            if where == "caller" and a == 600:
+                raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
 def _check(path, *extra):
     return subprocess.run(
         [sys.executable, "-m", "hpc_calo.io", "check", str(path), *extra], capture_output=True, text=True, timeout=60

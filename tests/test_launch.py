@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from hpc_calo import rundir
+from hpc_calo.cpus import owned_cpus
 from hpc_calo.errors import UserError
 from hpc_calo.io import check_file
 from launch.config import load_file, resolve
@@ -377,10 +378,10 @@ def test_every_setting_reaches_every_stage_that_uses_it(tmp_path: Path) -> None:
 
 def test_side_by_side_training_shares_the_cores(tmp_path: Path) -> None:
     """--jobs N: training steps get cores/N threads each (oversubscribed torch threads collapse throughput),
-    flow-3 (the longest) starts first; one job keeps torch's own choice; --threads wins."""
+    flow-3 (the longest) starts first; one job leaves the count to the command (0: the CPUs it owns); --threads wins."""
     from launch import stages
 
-    cores = len(os.sched_getaffinity(0))
+    cores = owned_cpus()
     base = {"dataset": "ds2", "out": str(tmp_path / "o"), "synthetic": 500, "resources": {}}
     for jobs, threads, expected in ((1, None, 0), (2, None, max(1, cores // 2)), (2, 3, 3)):
         cfg = resolve([("flag", {**base, "jobs": jobs, "threads": threads})])[0]

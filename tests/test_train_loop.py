@@ -93,6 +93,8 @@ def test_float64_training(store: Path, tmp_path: Path) -> None:
     result = fit(m, *loaders(store, 1), cfg, tmp_path)
     assert torch.isfinite(torch.tensor(result["best_val"]))
     assert load_flow_model(rundir.weights_in(tmp_path), dtype=torch.float64).dtype == torch.float64
+    start = json.loads(rundir.metrics_in(tmp_path).read_text().splitlines()[0])
+    assert start == {"event": "start", "step": 0, "torch_threads": 1}  # the one CPU the test owns (one_thread)
 
 
 def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from hpc_calo.atomic import atomic_path
+from hpc_calo.cpus import torch_threads
 from hpc_calo.errors import UserError
 from hpc_calo.evaluate import plots
 from hpc_calo.evaluate.boost import boost_score
@@ -122,8 +123,7 @@ def evaluate(cfg: EvaluateRequest) -> dict[str, object]:
 
 def _evaluate(cfg: EvaluateRequest, geo: Geometry, cls_cfg: ClassifierConfig | None) -> dict[str, object]:
     t_start = time.perf_counter()
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    torch_threads(cfg.threads)
     timings: dict[str, float] = {}
     report: dict[str, object] = {}
     with CaloFile(cfg.gen, geo) as fg, CaloFile(cfg.ref, geo) as fr, atomic_path(cfg.out, REPORT_DIR) as tmp:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import zlib
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +21,7 @@ import h5py
 import numpy as np
 
 from hpc_calo.atomic import atomic_path
+from hpc_calo.cpus import owned_cpus
 from hpc_calo.errors import UserError
 from hpc_calo.geometry import Geometry, infer_geometry
 from hpc_calo.outputs import CALO_FILE, Kind, storage_error, writable_parent
@@ -31,6 +35,7 @@ CHUNK_BYTES = 4 * 2**20
 # The largest file hpc-calo writes in one request (DS2: ~26 TB raw): beyond it a request is a typo, and the
 # plan, the incident energies and the progress counters would no longer be small.
 MAX_SHOWERS = 10**9
+GZIP_LEVEL = 4
 # Up-front disk estimates count gzip output at this fraction of the raw size (zero voxels compress away).
 GZIP_ESTIMATE = 0.25
 
@@ -147,12 +152,23 @@ def iter_blocks(
         yield from f.blocks(block_size)
 
 
+def gzip_chunk(rows: np.ndarray) -> bytes:
+    """One whole chunk as HDF5's shuffle and deflate filters store it. zlib releases the GIL, so chunks
+    compress in parallel threads."""
+    shuffled = np.ascontiguousarray(rows.view(np.uint8).reshape(-1, rows.itemsize).T)
+    return zlib.compress(shuffled, GZIP_LEVEL)
+
+
 class CaloWriter:
     """Append blocks of showers; the file appears at ``path`` only when the writer closes without error.
 
     With ``n_total`` the datasets are preallocated and closing with fewer or more rows is an error. An existing
     file at ``path`` is replaced only if it is of ``kind`` (default: a CaloChallenge file; None for a command's
     own files in a folder it owns). A full disk or read-only directory is one UserError and leaves nothing.
+
+    With gzip, whole chunks of showers are compressed by ``threads`` threads (0: the CPUs this process owns)
+    while the caller goes on, and stored as they are; at most two chunks per thread wait, which bounds memory.
+    The file is the one h5py's own filters would write: same filters, chunks and bytes once read back.
     """
 
     def __init__(
@@ -163,17 +179,25 @@ class CaloWriter:
         compression: str | None = "gzip",
         attrs: dict[str, object] | None = None,
         kind: Kind | None = CALO_FILE,
+        threads: int = 0,
     ) -> None:
         if compression not in (None, "none", "gzip"):
             raise UserError(f"unknown compression {compression!r}: choose gzip or none")
+        if threads < 0:
+            raise UserError(f"threads must be >= 0, not {threads}")
         self.path = Path(path)
         self.geometry = geometry
         self.n_total = n_total
         self.compression = None if compression == "none" else compression
         self.attrs = attrs or {}
         self.kind = kind
+        self.threads = threads or owned_cpus()
         self.n_written = 0
         self._stack = ExitStack()
+        self._pool: ThreadPoolExecutor | None = None
+        self._queued: deque[tuple[int, np.ndarray, Future[bytes]]] = deque()
+        self._spare: list[np.ndarray] = []
+        self._fill = self._chunks = 0
 
     def __enter__(self) -> CaloWriter:
         writable_parent(self.path)
@@ -197,6 +221,7 @@ class CaloWriter:
             with contextlib.suppress(OSError):
                 os.truncate(self._tmp, 0)
         self._e = self._s = None
+        self._queued.clear()
         with contextlib.suppress(BaseException):  # the first error is the one to report
             self._stack.__exit__(type(err), err, err.__traceback__)
         if mapped is not None:
@@ -212,7 +237,7 @@ class CaloWriter:
         e_chunk_rows = max(chunk_rows, 1024) if self.n_total is None else max(1, min(1024, n0))
         opts: dict[str, object] = {}
         if self.compression:
-            opts = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+            opts = {"compression": "gzip", "compression_opts": GZIP_LEVEL, "shuffle": True}
         self._e = self._h5.create_dataset(
             E_KEY, shape=(n0, 1), maxshape=(maxrows, 1), dtype="f8", chunks=(e_chunk_rows, 1), **opts
         )
@@ -221,8 +246,14 @@ class CaloWriter:
         )
         for k, v in self.attrs.items():
             self._h5.attrs[k] = v
+        if self.compression:
+            self._rows = np.empty((chunk_rows, n_vox), dtype=np.float32)
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="gzip")
+            # After the file, so it stops (queued chunks cancelled) before the file closes.
+            self._stack.callback(self._pool.shutdown, cancel_futures=True)
 
     def write(self, incident_energies: np.ndarray, showers: np.ndarray) -> None:
+        """Append a block; its arrays may be reused as soon as this returns."""
         e = np.asarray(incident_energies, dtype=np.float64).reshape(-1, 1)
         s = np.asarray(showers, dtype=np.float32)
         if s.ndim != 2 or s.shape[1] != self.geometry.n_voxels or s.shape[0] != e.shape[0]:
@@ -235,21 +266,57 @@ class CaloWriter:
             raise ValueError(f"writing rows {a}-{b} past the declared {self.n_total}")
         try:
             self._e[a:b] = e
-            self._s[a:b] = s
+            if self._pool is None:
+                self._s[a:b] = s
+            else:
+                self._add_rows(s)
         except (OSError, RuntimeError) as err:
             self._fail(err)
         self.n_written = b
+
+    def _add_rows(self, s: np.ndarray) -> None:
+        """Copy rows into the chunk being filled; hand each full chunk to the pool."""
+        rows = len(self._rows)
+        done = 0
+        while done < len(s):
+            take = min(rows - self._fill, len(s) - done)
+            self._rows[self._fill : self._fill + take] = s[done : done + take]
+            self._fill += take
+            done += take
+            if self._fill == rows:
+                while self._queued and (self._queued[0][2].done() or len(self._queued) >= 2 * self.threads):
+                    self._store_oldest()
+                self._queued.append((self._chunks * rows, self._rows, self._pool.submit(gzip_chunk, self._rows)))
+                self._rows = self._spare.pop() if self._spare else np.empty_like(self._rows)
+                self._chunks += 1
+                self._fill = 0
+
+    def _store_oldest(self) -> None:
+        row, buf, compressed = self._queued.popleft()
+        self._s.id.write_direct_chunk((row, 0), compressed.result(), 0)
+        self._spare.append(buf)
+
+    def _finish(self) -> None:
+        """Store the queued chunks, then the rows of a last, partial chunk: h5py pads and filters that one."""
+        while self._queued:
+            self._store_oldest()
+        if self._fill:
+            a = self._chunks * len(self._rows)
+            self._s[a : a + self._fill] = self._rows[: self._fill]
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if exc_type is None and self.n_total is not None and self.n_written != self.n_total:
             exc = ValueError(f"{self.path}: wrote {self.n_written} showers, expected {self.n_total}")
+            self._queued.clear()
             self._stack.__exit__(type(exc), exc, None)
             raise exc
         if exc is not None:
             self._fail(exc)
         try:
+            if self._pool is not None:
+                self._finish()
             self._stack.__exit__(None, None, None)  # flush + close, then rename
-        except (OSError, RuntimeError) as err:
+        except BaseException as err:
             self._fail(err)

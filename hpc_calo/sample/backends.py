@@ -16,12 +16,13 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from hpc_calo.cpus import torch_threads
 from hpc_calo.errors import UserError, abort_world
 from hpc_calo.mpi import plan_on_rank0
 from hpc_calo.ray_session import ray_session
 from hpc_calo.sample.job import Launch, Outcome, Output, SampleRequest, finish, precheck, prepare, progress_bar
 from hpc_calo.sample.plan import Plan, Request
-from hpc_calo.sample.worker import Worker, load_chain, torch_threads
+from hpc_calo.sample.worker import Worker, load_chain
 
 # ---- local ---------------------------------------------------------------------------------------------------
 

@@ -1,10 +1,9 @@
 """Stream the shard parts, in shard order, into one CaloChallenge HDF5 in bounded memory.
 
-Memory: one re-blocking buffer of about ``block_bytes`` (rows read straight into it with ``read_direct``)
-plus HDF5's chunk caches; nothing scales with N. The buffer holds a whole number of the writer's chunks, so
-every chunk is compressed once. Each part is verified on the way through (its manifest sha256, that its
-incident energies are the plan's, finite non-negative voxels); a bad part is deleted with its record so
-that re-running the same command regenerates just that shard.
+Memory: one re-blocking buffer of about ``block_bytes`` (rows read straight into it with ``read_direct``) plus
+HDF5's chunk caches and the writer's chunks in flight; nothing scales with N. Each part is verified on the way
+through (its manifest sha256, that its incident energies are the plan's, finite non-negative voxels); a bad
+part is deleted with its record so that re-running the same command regenerates just that shard.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from tqdm import tqdm
 
 from hpc_calo.errors import UserError
 from hpc_calo.io import CaloFile, CaloWriter
-from hpc_calo.io.hdf5 import CHUNK_BYTES, E_KEY, S_KEY, rows_for_bytes
+from hpc_calo.io.hdf5 import E_KEY, S_KEY, rows_for_bytes
 from hpc_calo.sample.parts import PartsDir
 from hpc_calo.sample.plan import Plan
 
@@ -34,12 +33,6 @@ class Gathered:
     n: int
     seconds: float
     bytes: int
-
-
-def _block_rows(n_voxels: int, n_total: int, block_bytes: int) -> int:
-    # Mirrors CaloWriter's chunk choice: a multiple of its chunk rows (or all rows when fewer).
-    chunk = max(1, min(rows_for_bytes(n_voxels, CHUNK_BYTES), n_total))
-    return chunk * max(1, block_bytes // (chunk * 4 * n_voxels))
 
 
 def gather(
@@ -61,7 +54,7 @@ def gather(
             f"(first: {missing[0]}); re-run the same command to generate them"
         )
     geo = plan.geometry
-    rows = min(_block_rows(geo.n_voxels, plan.n, block_bytes), plan.n)
+    rows = min(rows_for_bytes(geo.n_voxels, block_bytes), plan.n)
     e_buf = np.empty(rows, dtype=np.float64)
     s_buf = np.empty((rows, geo.n_voxels), dtype=np.float32)
     attrs = {"generator": "hpc-calo", "request_fingerprint": plan.fingerprint, "dataset": geo.name,

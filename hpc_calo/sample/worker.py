@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hpc_calo import rundir
+from hpc_calo.cpus import torch_threads
 from hpc_calo.digest import files_digest
 from hpc_calo.errors import UserError
 from hpc_calo.sample.parts import PartsDir
@@ -19,12 +20,6 @@ from hpc_calo.sample.plan import Plan, Request
 def run_digest(run_dir: Path) -> str:
     """The digest of the model files whose bytes decide the output."""
     return files_digest(rundir.weight_files(run_dir))
-
-
-def torch_threads(n: int) -> None:
-    import torch
-
-    torch.set_num_threads(n)
 
 
 def load_chain(req: Request, device: str | None = None) -> Any:

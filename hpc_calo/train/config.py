@@ -39,7 +39,7 @@ class TrainConfig:
     dtype: str = "float32"  # or "float64" (the reference precision)
     device: str = "cpu"  # "cpu" or "cuda" (the current CUDA device of the worker)
     amp: str = "off"  # AMP_MODES; GPU only, never a CPU default
-    num_threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+    num_threads: int = 0  # torch intra-op threads; 0: the CPUs this process owns (hpc_calo.cpus)
     max_steps: int | None = None  # stop after this global step as if killed (tests, smoke runs)
     name: str = "train"  # prefix of progress lines
 

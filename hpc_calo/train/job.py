@@ -49,7 +49,7 @@ class TrainingOptions:
     amp: str = "off"  # GPU only: tf32 or bf16 autocast
     checkpoint_every: int = 500
     log_every: int = 50
-    threads: int = 0  # torch CPU threads; 0: torch's default
+    threads: int = 0  # torch CPU threads; 0: the CPUs this process owns
     memory_gb: float = 2.0
     max_steps: int | None = None
 

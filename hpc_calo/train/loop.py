@@ -35,6 +35,7 @@ from torch import nn
 
 from hpc_calo import rundir
 from hpc_calo.atomic import atomic_path
+from hpc_calo.cpus import torch_threads
 from hpc_calo.errors import Stopped, UserError
 from hpc_calo.train.checkpoint import check_meta, load_checkpoint, rng_state, save_checkpoint, seed_all, set_rng_state
 from hpc_calo.train.config import TrainConfig
@@ -262,8 +263,7 @@ def _fit(model: nn.Module, train_loader: Any, val_loader: Any, cfg: TrainConfig,
     is_rank0 = rank == 0
     if is_rank0:
         out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.num_threads > 0:
-        torch.set_num_threads(cfg.num_threads)
+    threads = torch_threads(cfg.num_threads)
     device, dtype = _device(cfg), cfg.torch_dtype
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
     raw: nn.Module = getattr(model, "module", model)
@@ -318,6 +318,7 @@ def _fit(model: nn.Module, train_loader: Any, val_loader: Any, cfg: TrainConfig,
         seed_all(_derived_seed(cfg.seed, rank))
 
     progress = _Progress(cfg, out_dir, is_rank0, total_steps, global_step, steps_per_epoch)
+    progress.write({"event": "start", "step": global_step, "torch_threads": threads})
     t_start = time.perf_counter()
     skipped = 0
     timing_from = (global_step, t_start)
