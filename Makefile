@@ -26,7 +26,7 @@ quickstart: setup
 test: setup
 	bash slurm/local_cluster.sh up
 	$(VENV)/bin/ruff check .
-	HPC_CALO_REQUIRE_SLURM=1 $(PY) -m pytest --timeout=900 -q
+	HPC_CALO_REQUIRE_SLURM=1 $(PY) -m pytest --timeout=900 -q --durations=15
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -215,6 +215,7 @@ def train_cell(store: Path, out: Path, preset: str, amp: str, steps: int, batch:
                                log_every=max(1, n // 3), memory_gb=8.0)
         return train(TrainRequest(flow=3, store=store, preset=preset, out=out / name, options=opts))
 
+    out.mkdir(parents=True, exist_ok=True)  # training writes into an existing folder only
     run("warm", 2)  # CUDA context, cuBLAS handles, allocator: not part of the rate
     _peak_reset(device)
     summary = run("timed", steps)
