@@ -40,24 +40,22 @@ from hpc_calo.errors import run_cli
 
 
 def make_store(root: Path, dataset: str, showers: int) -> Path:
-    from data_prep.convert import main as convert
+    from data_prep.convert import ConvertRequest, convert
     from data_prep.synth import write_synthetic
 
     h5 = write_synthetic(root / f"{dataset}.h5", dataset, showers, seed=1)
     store = root / f"{dataset}.zarr"
-    if convert(["--dataset", dataset, str(h5), "--out", str(store), "--quiet"]) != 0:
+    if convert(ConvertRequest(inputs=(str(h5),), dataset=dataset, out=store, quiet=True)) != 0:
         raise RuntimeError("conversion failed")
     return store
 
 
 def job(store: Path, out: Path, preset: str, batch: int, steps: int, device: str = "cpu") -> Any:
-    from hpc_calo.train.__main__ import parse_request
-    from hpc_calo.train.job import build_job
+    from hpc_calo.train.job import TrainingOptions, TrainRequest, build_job
 
-    argv = ["--flow", "3", "--store", str(store), "--preset", preset, "--out", str(out), "--batch-size", str(batch),
-            "--max-steps", str(steps), "--checkpoint-every", str(10**9), "--log-every", str(10**9),
-            "--threads", "1", "--device", device]
-    return build_job(parse_request(argv))
+    opts = TrainingOptions(batch_size=batch, max_steps=steps, checkpoint_every=10**9, log_every=10**9, threads=1,
+                           device=device)
+    return build_job(TrainRequest(flow=3, store=store, preset=preset, out=out, options=opts))
 
 
 def j_workers(name: str) -> int:
