@@ -59,6 +59,7 @@ class Settings:
     out: Path | None
     figures: Path | None
     quick: bool
+    unnormalised: bool = True  # also the chains without layer renormalisation (cheap metrics only)
     seed: int = 11
     log: list[str] = field(default_factory=list)
 
@@ -162,20 +163,24 @@ def train_all(s: Settings) -> None:
 
 
 def generate_all(s: Settings) -> dict[str, Path]:
-    files = {}
+    """Showers of each chain for held-out A's energies, ``jobs`` at a time (a teacher chain samples one feature
+    at a time and takes far longer than a student chain); with and without renormalisation unless
+    ``--renormalised-only``."""
+    files, tasks = {}, {}
     ref = s.path("data", "heldout_a.h5")
     for chain in CHAINS:
-        for renorm in (True, False):
+        for renorm in (True, False) if s.unnormalised else (True,):
             key = chain + ("" if renorm else "_unnormalised")
             out = s.path("gen", f"{key}.h5")
             files[key] = out
             if out.exists():
                 continue
             out.parent.mkdir(parents=True, exist_ok=True)
-            _run(s, f"generate_{key}", "hpc_calo.generate", [
-                "--run", str(s.path("run")), "--energies", str(ref), "--out", str(out), "--seed", "0",
-                "--students", "yes" if chain == "student" else "no", "--threads", str(s.threads), "--no-progress",
-                "--renormalise" if renorm else "--no-renormalise"])
+            tasks[key] = lambda k=key, o=out, r=renorm, c=chain: _run(s, f"generate_{k}", "hpc_calo.generate", [
+                "--run", str(s.path("run")), "--energies", str(ref), "--out", str(o), "--seed", "0",
+                "--students", "yes" if c == "student" else "no", "--threads", str(s.threads), "--no-progress",
+                "--renormalise" if r else "--no-renormalise"])
+    _parallel(s, tasks, {})
     return files
 
 
@@ -329,9 +334,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--heldout", type=int, default=None, help="showers in each held-out file (default 10000)")
     p.add_argument("--budget", action="append", type=_check_budget, default=[], metavar="FLOW=UNIT:N",
                    help="per-flow training budget (as launch.submit --budget); a larger one on a re-run extends")
-    p.add_argument("--jobs", type=int, default=1, help="training processes at a time (default 1)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="processes at a time: training, generation, evaluation (default 1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per child process (default 1)")
     p.add_argument("--eval-epochs", type=int, default=None, help="DNN classifier epochs (default 50; --quick: 1)")
+    p.add_argument("--renormalised-only", action="store_true",
+                   help="skip the chains without layer renormalisation (saves one teacher-chain generation)")
     p.add_argument("--out", type=Path, default=None, help="summary JSON (default WORK/fidelity.json)")
     p.add_argument("--figures", type=Path, default=None, help="figure folder (default WORK/figures)")
     a = p.parse_args(argv)
@@ -351,6 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out=a.out or a.work / "fidelity.json",
         figures=a.figures or a.work / "figures",
         quick=a.quick,
+        unnormalised=not a.renormalised_only,
     )
     result = run(s)
     for chain, r in result["chains"].items():
