@@ -6,7 +6,8 @@ python -m bench.fidelity [--quick] [--work runs/fidelity] [--preset small] [--bu
 
 Every step runs the product's own command in a child process (as a user would) and is skipped when its output
 exists, so the benchmark survives being stopped and restarted: training resumes from its checkpoints, and a
-larger ``--budget`` on a re-run extends a flow's training. Steps:
+larger ``--budget`` on a re-run extends a flow's training. Generated files and their reports remember the weights
+they came from: after more training they are made again. Steps:
 
 1. synthetic files: training (``--train`` showers), held-out A and held-out B (``--heldout`` each, other seeds);
 2. the pair store (``data_prep.convert``);
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -39,6 +41,7 @@ from typing import Any
 
 from bench.report import machine
 from hpc_calo import rundir
+from hpc_calo.digest import files_digest
 from launch.submit import parse_budget
 
 FLOWS = ("flow1", "flow2", "flow3", "flow2_student", "flow3_student")
@@ -162,6 +165,24 @@ def train_all(s: Settings) -> None:
     _parallel(s, tasks, {"flow2_student": "flow2", "flow3_student": "flow3"})
 
 
+def _chain_weights(s: Settings, chain: str) -> list[Path]:
+    student = chain == "student"
+    return [rundir.weights(s.path("run"), k, student and k > 1) for k in (1, 2, 3)]
+
+
+def _current(s: Settings, out: Path, chain: str, key: str) -> bool:
+    """Whether ``out`` was generated from the chain's present weights; a stale file and its report are removed."""
+    stamp = out.with_suffix(".weights")
+    digest = files_digest(_chain_weights(s, chain))
+    if out.exists() and stamp.exists() and stamp.read_text() == digest:
+        return True
+    out.unlink(missing_ok=True)
+    shutil.rmtree(s.path("reports", key), ignore_errors=True)
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(digest)  # written before the file it describes: a crash leaves no file, so nothing stale
+    return False
+
+
 def generate_all(s: Settings) -> dict[str, Path]:
     """Showers of each chain for held-out A's energies, ``jobs`` at a time (a teacher chain samples one feature
     at a time and takes far longer than a student chain); with and without renormalisation unless
@@ -173,9 +194,8 @@ def generate_all(s: Settings) -> dict[str, Path]:
             key = chain + ("" if renorm else "_unnormalised")
             out = s.path("gen", f"{key}.h5")
             files[key] = out
-            if out.exists():
+            if _current(s, out, chain, key):
                 continue
-            out.parent.mkdir(parents=True, exist_ok=True)
             tasks[key] = lambda k=key, o=out, r=renorm, c=chain: _run(s, f"generate_{k}", "hpc_calo.generate", [
                 "--run", str(s.path("run")), "--energies", str(ref), "--out", str(o), "--seed", "0",
                 "--students", "yes" if c == "student" else "no", "--threads", str(s.threads), "--no-progress",

@@ -51,3 +51,23 @@ def test_quick_fidelity_run_resumes_and_reports(tmp_path: Path) -> None:
 def test_quickstart_preset_exists() -> None:
     p = get_preset("quickstart")
     assert p.dataset is None and p.energies == "fractions"
+
+
+def test_generated_files_are_remade_after_more_training(tmp_path: Path) -> None:
+    from bench.fidelity import Settings, _chain_weights, _current
+
+    s = Settings(work=tmp_path, preset="tiny", train=1, heldout=1, budget={}, jobs=1, threads=1, eval_epochs=1,
+                 out=None, figures=None, quick=True)
+    for w in {*_chain_weights(s, "teacher"), *_chain_weights(s, "student")}:
+        w.parent.mkdir(parents=True, exist_ok=True)
+        w.write_bytes(b"weights of " + w.parent.name.encode())
+    out, report = s.path("gen", "student.h5"), s.path("reports", "student", "report.json")
+    assert not _current(s, out, "student", "student")  # nothing generated yet
+    out.write_bytes(b"showers")
+    report.parent.mkdir(parents=True)
+    report.write_text("{}")
+    assert _current(s, out, "student", "student") and out.exists() and report.exists()
+    assert _current(s, s.path("gen", "teacher.h5"), "teacher", "teacher") is False
+    _chain_weights(s, "student")[2].write_bytes(b"trained further")  # flow-3 student changed
+    assert not _current(s, out, "student", "student")
+    assert not out.exists() and not report.exists()  # the stale file and its report are gone
