@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,23 +134,24 @@ def _evaluate(s: Settings, key: str, gen: Path) -> None:
 
 
 def _parallel(s: Settings, tasks: dict[str, Any], after: dict[str, str]) -> None:
-    """Run ``tasks`` (name -> callable), ``jobs`` at a time in this order; ``after[name]`` must finish first."""
-    done = {name: threading.Event() for name in tasks}
-    failures: list[BaseException] = []
-
-    def task(name: str) -> None:
-        try:
-            if name in after:
-                done[after[name]].wait()
-            if not failures:
-                tasks[name]()
-        except BaseException as err:  # surfaced below, after the pool stops
-            failures.append(err)
-        finally:
-            done[name].set()
-
+    """Run ``tasks`` (name -> callable), ``jobs`` at a time; a free slot takes the first task, in this order, whose
+    ``after[name]`` has finished (a waiting task never holds a slot)."""
+    waiting, finished, failures = list(tasks), set(), []
     with ThreadPoolExecutor(max_workers=s.jobs) as pool:
-        list(pool.map(task, tasks))
+        running: dict[Any, str] = {}
+        while waiting or running:
+            ready = [n for n in waiting if after.get(n) in (None, *finished)]
+            while ready and len(running) < s.jobs and not failures:
+                name = ready.pop(0)
+                waiting.remove(name)
+                running[pool.submit(tasks[name])] = name
+            if not running:
+                break  # a failure stopped new tasks, or what is left waits on a task that failed
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for f in done:
+                finished.add(running.pop(f))
+                if f.exception() is not None:
+                    failures.append(f.exception())
     if failures:
         raise failures[0]
 

@@ -71,3 +71,17 @@ def test_generated_files_are_remade_after_more_training(tmp_path: Path) -> None:
     _chain_weights(s, "student")[2].write_bytes(b"trained further")  # flow-3 student changed
     assert not _current(s, out, "student", "student")
     assert not out.exists() and not report.exists()  # the stale file and its report are gone
+
+
+def test_a_task_waiting_for_another_does_not_hold_a_slot(tmp_path: Path) -> None:
+    import threading
+
+    from bench.fidelity import Settings, _parallel
+
+    s = Settings(work=tmp_path, preset="tiny", train=1, heldout=1, budget={}, jobs=2, threads=1, eval_epochs=1,
+                 out=None, figures=None, quick=True)
+    c_ran, order = threading.Event(), []
+    tasks = {"a": lambda: order.append(("a", c_ran.wait(timeout=10))), "b": lambda: order.append(("b", True)),
+             "c": lambda: (c_ran.set(), order.append(("c", True)))}
+    _parallel(s, tasks, {"b": "a"})  # b waits for a; c must run beside a meanwhile, not after it
+    assert order == [("c", True), ("a", True), ("b", True)]
