@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -84,6 +85,8 @@ def run_variant(name: str, store: Path, root: Path, args: argparse.Namespace, re
            # CPU seconds of all workers per 1000 samples (rank 0's CPU time x workers): what the time per sample
            # would be on idle cores, little disturbed by other jobs competing for them.
            "cpu_s_per_1k_samples": summary["cpu_s"] * j_workers(name) / samples * 1000}
+    # Peak resident memory: of rank 0's worker process; for plain, of this process (store creation included).
+    rec["peak_rss_mb_rank0"] = summary.get("peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     if "peak_gpu_memory_gb" in summary:
         rec["peak_gpu_memory_gb_rank0"] = summary["peak_gpu_memory_gb"]
     print(json.dumps(rec), file=sys.stderr, flush=True)

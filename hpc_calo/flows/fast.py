@@ -5,13 +5,15 @@ What it removes from the plain nflows path (``flow._transform.inverse``), all wi
 - permutations: folded into the weights (each block's input columns and output rows are reordered so that
   the data never move), leaving one gather at the very end;
 - the context: the context layers of all blocks are stacked into one GEMM per call;
-- the spline: ``hpc_calo.flows.spline.rq_spline`` in its parameter-major layout (no boolean-mask scatter/gather
-  of inside/outside points, softplus only of the gathered derivatives), without the log-determinant;
+- the layout: the state is feature-major (D, B), so the output GEMM writes each spline parameter as one
+  contiguous slab and ``hpc_calo.flows.spline.rq_spline_sample`` (the inverse spline without log-determinant)
+  runs every op on contiguous memory;
 - optionally ``torch.compile`` (fuses the spline's elementwise chain) and, on a GPU, a CUDA graph replay.
 
 Numerics: float64 and float32 agree with nflows to rounding (tests/test_fast.py). ``matmul_dtype=torch.bfloat16``
-runs only the GEMMs in bf16 (spline in float32): faster where the hardware has bf16 units, at a measured cost in
-fidelity (BENCHMARKS.md, "bf16 fidelity", measured by ``python -m bench.precision``) — off by default.
+runs the GEMMs and the activations between them in bf16 (spline in float32): faster where the hardware has bf16
+units (AMX, avx512_bf16), at a measured cost in fidelity (BENCHMARKS.md, "bf16 fidelity", measured by
+``python -m bench.precision``) — off by default.
 """
 
 from __future__ import annotations
@@ -25,21 +27,9 @@ from torch import nn
 
 from hpc_calo.flows.build import InverseSplineAutoregressiveTransform, SplineAutoregressiveTransform
 from hpc_calo.flows.passes import is_student
-from hpc_calo.flows.spline import rq_spline
+from hpc_calo.flows.spline import rq_spline_sample
 
-
-def rq_spline_inverse(
-    y: torch.Tensor, params: torch.Tensor, bound: float, min_width: float, min_height: float, min_derivative: float
-) -> torch.Tensor:
-    """Inverse of nflows' rational-quadratic spline with linear tails on [-bound, bound]; outputs only.
-
-    ``params`` is (B, 3 * bins - 1, D), parameter-major (FastStudent reorders the MADE's output rows so), the
-    layout ``hpc_calo.flows.spline.rq_spline`` works in: no reordering here, and no log-determinant.
-    """
-    return rq_spline(y, params, True, bound, min_width, min_height, min_derivative, logdet=False)[0]
-
-
-CPU_CHUNK_BYTES = 8 * 2**20  # spline parameters per CPU chunk in FastStudent.forward
+CPU_CHUNK_BYTES = 4 * 2**20  # spline parameters per CPU chunk in FastStudent.forward (316 DS2 rows in float32)
 
 
 class FastStudent(nn.Module):
@@ -81,16 +71,16 @@ class FastStudent(nn.Module):
             with torch.no_grad():
                 w_in = (made.initial_layer.weight * made.initial_layer.mask)[:, inv]
                 self.register_buffer(f"w_in{i}", w_in.detach().clone())
-                self.register_buffer(f"b_in{i}", made.initial_layer.bias.detach().clone())
+                self.register_buffer(f"b_in{i}", made.initial_layer.bias.detach().clone().unsqueeze(1))
                 for j, hb in enumerate(made.blocks):
                     self.register_buffer(f"w_h{i}_{j}", (hb.linear.weight * hb.linear.mask).detach().clone())
-                    self.register_buffer(f"b_h{i}_{j}", hb.linear.bias.detach().clone())
+                    self.register_buffer(f"b_h{i}_{j}", hb.linear.bias.detach().clone().unsqueeze(1))
                 n_par = made.final_layer.out_features // features
                 # Output rows: nflows orders them (dimension, parameter); here (parameter, storage column).
                 w_out = (made.final_layer.weight * made.final_layer.mask).reshape(features, n_par, -1)[inv]
                 self.register_buffer(f"w_out{i}", w_out.transpose(0, 1).reshape(features * n_par, -1).clone())
                 b_out = made.final_layer.bias.reshape(features, n_par)[inv].t()
-                self.register_buffer(f"b_out{i}", b_out.reshape(-1).clone())
+                self.register_buffer(f"b_out{i}", b_out.reshape(-1, 1).clone())
                 ctx_w.append(made.context_layer.weight.detach())
                 ctx_b.append(made.context_layer.bias.detach())
             self.n_hidden = len(made.blocks)
@@ -102,13 +92,13 @@ class FastStudent(nn.Module):
         self.bins, self.bound, self.min_width, self.min_height, self.min_derivative = spline
         self.hidden = ctx_w[0].shape[0]
         self.register_buffer("w_ctx", torch.cat(ctx_w).clone())
-        self.register_buffer("b_ctx", torch.cat(ctx_b).clone())
+        self.register_buffer("b_ctx", torch.cat(ctx_b).clone().unsqueeze(1))
         self.register_buffer("out_index", index.clone())
         self.matmul_dtype = matmul_dtype
-        self.spline: Callable[..., torch.Tensor] = rq_spline_inverse
-        if matmul_dtype is not None:
+        self.spline: Callable[..., torch.Tensor] = rq_spline_sample
+        if matmul_dtype is not None:  # cast once: the weights and biases of every GEMM
             for name, buf in self.named_buffers():
-                if name.startswith("w_"):
+                if name.startswith(("w_", "b_")):
                     setattr(self, name, buf.to(matmul_dtype))
 
     def compile(self) -> FastStudent:  # type: ignore[override]
@@ -116,33 +106,32 @@ class FastStudent(nn.Module):
         self.spline = compiled_spline()
         return self
 
-    def _linear(self, x: torch.Tensor, name: str, bias: str) -> torch.Tensor:
-        w = getattr(self, name)
-        b = getattr(self, bias)
-        if self.matmul_dtype is None:
-            return F.linear(x, w, b)
-        return F.linear(x.to(w.dtype), w).to(b.dtype) + b
-
     def forward(self, z: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Samples x for latent z (B, D) and preprocessed context (B, C); no log-determinant."""
         rows = max(16, CPU_CHUNK_BYTES // (self.n_par * self.features * z.element_size()))
         if z.device.type == "cpu" and z.shape[0] > rows:
             # Cache blocking: a block's spline parameters are B x (3K - 1) x D floats (13 MB per 1000 DS2 rows,
-            # 83 MB for DS3). Out of cache, a CPU batch ran up to 1.6x slower per shower than a small one.
+            # 83 MB for DS3); a chunk's stay in cache from the GEMM that writes them to the spline that reads them.
             return torch.cat([self._sample(z[a : a + rows], context[a : a + rows]) for a in range(0, len(z), rows)])
         return self._sample(z, context)
 
     def _sample(self, z: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        bsz, h = z.shape[0], self.hidden
-        ctx = torch.relu(self._linear(context, "w_ctx", "b_ctx"))
-        u = z
+        # Feature-major state (D, B): the output GEMM then writes each spline parameter as one contiguous (D, B)
+        # slab, the layout rq_spline_sample runs fastest in. With matmul_dtype the activations stay in it from
+        # GEMM to GEMM (bias and ReLU included), and the spline reads its parameters in it.
+        mm = self.matmul_dtype or z.dtype
+        h = self.hidden
+        ctx = torch.addmm(self.b_ctx, self.w_ctx, context.t().to(mm)).relu_()
+        u = z.t().contiguous()
         for i in range(self.n_blocks):
-            t = torch.relu(self._linear(u, f"w_in{i}", f"b_in{i}") + ctx[:, i * h : (i + 1) * h])
+            t = torch.addmm(getattr(self, f"b_in{i}"), getattr(self, f"w_in{i}"), u.to(mm))
+            t = t.add_(ctx[i * h : (i + 1) * h]).relu_()
             for j in range(self.n_hidden):
-                t = torch.relu(self._linear(t, f"w_h{i}_{j}", f"b_h{i}_{j}"))
-            p = self._linear(t, f"w_out{i}", f"b_out{i}").view(bsz, self.n_par, self.features)
-            u = self.spline(u, p, self.bound, self.min_width, self.min_height, self.min_derivative)
-        return u.index_select(1, self.out_index)
+                t = torch.addmm(getattr(self, f"b_h{i}_{j}"), getattr(self, f"w_h{i}_{j}"), t).relu_()
+            p = torch.addmm(getattr(self, f"b_out{i}"), getattr(self, f"w_out{i}"), t)  # the spline reads bf16
+            u = self.spline(u, p.view(self.n_par, self.features, -1), self.bound, self.min_width,
+                            self.min_height, self.min_derivative)
+        return u.index_select(0, self.out_index).t().contiguous()
 
     sample = forward
 
@@ -222,8 +211,8 @@ class FastMAF(nn.Module):
                     src, width = hs[li], hi
             width = bounds[-1][d]  # feature d + 1 (degree d + 1) sees the last layer's units of degree <= d
             p = F.linear(hs[-1][:, :width], w_out[d, :, :width], b_out[d])
-            x[:, d] = rq_spline_inverse(z[:, d : d + 1], p.unsqueeze(2), self.bound, self.min_width,
-                                        self.min_height, self.min_derivative)[:, 0]
+            x[:, d] = rq_spline_sample(z[:, d], p.t(), self.bound, self.min_width, self.min_height,
+                                       self.min_derivative)
         return x
 
     @torch.no_grad()
@@ -249,7 +238,7 @@ def compiled_spline() -> Callable[..., torch.Tensor]:
     """
     global _COMPILED_SPLINE
     if _COMPILED_SPLINE is None:
-        _COMPILED_SPLINE = torch.compile(rq_spline_inverse, dynamic=True, fullgraph=True)
+        _COMPILED_SPLINE = torch.compile(rq_spline_sample, dynamic=True, fullgraph=True)
     return _COMPILED_SPLINE
 
 

@@ -16,6 +16,8 @@ give the same density, to rounding), computed differently:
 
 Bin search as nflows': an input falls in bin k when it is >= the k-th inner knot (nflows' ``searchsorted`` with
 its eps on the last knot gives the same bin for every input inside the interval).
+
+Sampling has its own inverse, :func:`rq_spline_sample` (no log-determinant, no autograd, parameter-first).
 """
 
 from __future__ import annotations
@@ -167,3 +169,57 @@ class _Spline(torch.autograd.Function):
         at_hi = upto[..., : k - 1, :] - below[..., : k - 1, :]
         g_u = g_u0.unsqueeze(-2) * at_lo + g_u1.unsqueeze(-2) * at_hi
         return g_x, torch.cat([g_w.flatten(-3, -2), g_u], dim=-2), None, None, None, None, None
+
+
+
+def rq_spline_sample(
+    y: torch.Tensor, params: torch.Tensor, bound: float, min_width: float = MIN_BIN_WIDTH,
+    min_height: float = MIN_BIN_HEIGHT, min_derivative: float = MIN_DERIVATIVE,
+) -> torch.Tensor:
+    """The inverse spline of :func:`rq_spline` (outputs only), for sampling: ``params`` is (3K-1, *y.shape).
+
+    Parameter-first: each parameter is one contiguous slab the size of ``y`` (FastStudent's GEMMs write them so),
+    so every op runs on contiguous memory. ``params`` may be of a lower precision than ``y`` (bf16 GEMM outputs):
+    they are read as they are and the spline is computed in ``y``'s dtype. Written for few passes over memory:
+    the softmax is normalised only where it is used (the y knots, for the bin search, and the gathered knots).
+    Same formulas as :func:`_transform`, the same bin as nflows' search.
+    """
+    k = (params.shape[0] + 1) // 3
+    n = y.numel()
+    p = params.reshape(3 * k - 1, n)
+    yv = y.reshape(n)
+    wh = p[: 2 * k].reshape(2, k, n)
+    e = torch.sub(wh, wh.amax(dim=1, keepdim=True).to(y.dtype)).exp_()  # (2, K, n), in y's dtype
+    # cum[a, j] = sum_{i<j} e[a, i], j = 0..K: the unnormalised knots (a = 0: x from the widths, a = 1: y from the
+    # heights); cum[a, K] is the softmax denominator. Knot j is f * cum[a, j] + 2 * bound * j * min - bound.
+    cum = torch.empty(2, k + 1, n, dtype=y.dtype, device=y.device)
+    cum[:, 0].zero_()
+    torch.cumsum(e, dim=1, out=cum[:, 1:])
+    mins = torch.tensor([min_width, min_height], dtype=y.dtype, device=y.device).view(2, 1)
+    f = cum[:, k].reciprocal().mul_((1 - mins * k) * (2 * bound))  # (2, n)
+    yc = yv.clamp(-bound, bound)
+    j = torch.arange(1, k, dtype=y.dtype, device=y.device).view(k - 1, 1)
+    knots_y = torch.addcmul(j * (2 * bound * min_height) - bound, cum[1, 1:k], f[1])  # inner y knots (K-1, n)
+    idx = (knots_y <= yc).sum(0)  # the bin, 0..K-1
+    both = torch.stack([idx, idx + 1])  # (2, n): its lower and upper knot
+    g = cum.gather(1, both.unsqueeze(0).expand(2, 2, n))  # (2, 2, n)
+    knot = torch.addcmul(both.to(y.dtype) * (2 * bound * mins.unsqueeze(-1)) - bound, g, f.unsqueeze(1))
+    knot[:, 1].masked_fill_(idx == k - 1, bound)  # the outer knots pinned, as nflows pins them
+    x_k, y_k = knot[0, 0], knot[1, 0]
+    w, h = knot[0, 1] - x_k, knot[1, 1] - y_k
+    # The outer knots' derivative is the linear tails' (as nflows: its softplus is 1 - min_derivative).
+    edge = float(np.log(np.exp(1 - min_derivative) - 1))
+    ud = p[2 * k :].gather(0, torch.stack([idx - 1, idx]).clamp_(0, k - 2)).to(y.dtype)
+    ud[0].masked_fill_(idx == 0, edge)
+    ud[1].masked_fill_(idx == k - 1, edge)
+    d = F.softplus(ud).add_(min_derivative)
+    d0 = d[0]
+    delta = h / w
+    s = d0 + d[1] - 2 * delta
+    dy = yc - y_k
+    a = dy * s + h * (delta - d0)
+    b = h * d0 - dy * s
+    c = -delta * dy
+    theta = (2 * c) / (-b - torch.sqrt(b * b - 4 * a * c))
+    out = theta.mul_(w).add_(x_k)
+    return torch.where((yv >= -bound) & (yv <= bound), out, yv).view(y.shape)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import os
+import resource
 import socket
 import sys
 import time
@@ -171,6 +172,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     before_step = None if hook is None else functools.partial(hook, rank)
     result = fit(ddp, train, val, cfg, out_dir, rank=rank, world_size=world, report=report, before_step=before_step)
     result["cpu_s"] = time.process_time() - cpu0  # this process's CPU time in fit (a contention-free cost)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this worker's (Linux: KB)
     if device.type == "cuda":
         result["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     result.update(world_size=world, steps_per_epoch=len(train), loader_mode=mode)
