@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -76,3 +78,25 @@ def tiny_run(synthetic: Callable[..., Path], tmp_path_factory: pytest.TempPathFa
             path.parent.mkdir()
             FlowModel.from_preset(flow, DS2, "tiny", student=True).save(path)
     return run
+
+
+@pytest.fixture(scope="module")
+def ray_env() -> Iterator[Path]:
+    """A short temporary directory and the environment for a module's own throwaway Ray cluster.
+
+    The directory is under /tmp because Ray's AF_UNIX socket paths must stay under 107 bytes. Ray's temp root
+    (``RAY_TMPDIR``, where Ray also records "the current cluster" for ``address="auto"``) is inside it, so no
+    other Ray user on the machine attaches to the test's cluster. No usage stats; no second copy of every
+    worker print through Ray Train's logger.
+    """
+    mp = pytest.MonkeyPatch()
+    temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    (temp / "ray").mkdir()
+    mp.setenv("RAY_TMPDIR", str(temp))
+    mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    mp.setenv("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    try:
+        yield temp
+    finally:
+        mp.undo()
+        shutil.rmtree(temp, ignore_errors=True)

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -49,19 +47,13 @@ def store(synthetic, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[str]:
+def cluster(ray_env: Path) -> Iterator[str]:
     """A local Ray for the module (start-up costs ~10 s); yields its GCS address for CLI runs."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    mp.setenv("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # AF_UNIX socket paths must stay under 107 bytes
-    ctx = ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False)
+    ctx = ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(ray_env), log_to_driver=False)
     try:
         yield ctx.address_info["gcs_address"]
     finally:
         ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
-        mp.undo()
 
 
 def train_args(store: Path, out: Path, flow: int, *extra: str) -> list[str]:

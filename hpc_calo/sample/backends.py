@@ -8,6 +8,7 @@ MPI. ``ray`` and ``mpi4py`` are imported inside their backend so the local backe
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -97,33 +98,50 @@ def _ray_generate(ray: Any, plan: Plan, parts_dir: Path, todo: list[int], launch
     n = min(launch.workers or max(1, slots), len(todo))
     if gpu and slots == 0:
         raise UserError("--device cuda: the Ray cluster has no GPUs")
-    # A killed actor is restarted (reloading the chain) and its shard retried; parts make retries harmless.
+    # No restarts: an actor on a node that died would be restarted only where its resources are free, and its
+    # retried shard would wait for that (forever on a cluster that lost the node). Instead the driver hands a
+    # dead actor's shard to the surviving actors; parts make a shard written twice harmless (same bytes).
     cpus = 1 if gpu else plan.request.threads
-    actor_cls = ray.remote(num_cpus=cpus, num_gpus=1 if gpu else 0, max_restarts=2, max_task_retries=2)(Worker)
+    actor_cls = ray.remote(num_cpus=cpus, num_gpus=1 if gpu else 0, max_restarts=0)(Worker)
     device = "cuda" if gpu else plan.request.device  # Ray pins each actor to its own GPU
     actors = [actor_cls.remote(plan, parts_dir, None, device) for _ in range(n)]
-    queue, running = deque(todo), {}
+    queue, idle, running = deque(todo), deque(actors), {}
+    alive = len(actors)
     try:
         with progress_bar(plan, todo, launch.progress) as bar:
-            for actor in actors:
-                if queue:
-                    running[actor.run.remote(queue.popleft())] = actor
-            while running:
+            while queue or running:
+                while idle and queue:
+                    actor, index = idle.popleft(), queue.popleft()
+                    running[actor.run.remote(index)] = (actor, index)
                 ready, _ = ray.wait(list(running), num_returns=1)
                 for ref in ready:
-                    actor = running.pop(ref)
+                    actor, index = running.pop(ref)
                     try:
                         bar.update(ray.get(ref))
-                    except ray.exceptions.RayError as err:
+                    except ray.exceptions.RayActorError as err:  # its process or its node died
+                        alive -= 1
+                        if not alive:
+                            raise UserError(
+                                f"every Ray worker died (last: {_first_line(err)}); finished shards are kept: "
+                                "re-run the same command to generate the rest"
+                            ) from None
+                        queue.appendleft(index)
+                        print(f"warning: a Ray worker died ({_first_line(err)}); shard {index} goes to the "
+                              f"{alive} remaining", file=sys.stderr, flush=True)
+                        continue
+                    except ray.exceptions.RayError as err:  # the shard itself failed: retrying would too
                         raise UserError(
-                            f"a Ray worker failed ({type(err).__name__}: {str(err).splitlines()[0]}); "
-                            "finished shards are kept: re-run the same command to generate the rest"
+                            f"a Ray worker failed ({_first_line(err)}); finished shards are kept: re-run the same "
+                            "command to generate the rest"
                         ) from None
-                    if queue:
-                        running[actor.run.remote(queue.popleft())] = actor
+                    idle.append(actor)
     finally:
         for actor in actors:
             ray.kill(actor)
+
+
+def _first_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
 
 
 # ---- MPI -----------------------------------------------------------------------------------------------------
