@@ -8,9 +8,10 @@ chain -> last part), the speed-up over 1 worker, and the fixed costs apart: proc
 exit: the wall time the sampler does not account for), model load, plan, workers' start (with their own model
 load; Ray: with ``ray.init``) and gather (the write of the output).
 
-``python -m bench.production --overhead [--quick]``: the per-shard cost of the coordination. 32 Ray actors and
-32 MPI ranks (oversubscribed on a small box) generate 10^2, 10^3 and 10^4 one-shower shards of the ``tiny``
-architecture; the generation and gather milliseconds per shard should stay flat as the shard count grows.
+``python -m bench.production --overhead [--quick] [--workers W] [--shards S ...]``: the per-shard cost of the
+coordination. W = 32 Ray actors and then 32 MPI ranks (oversubscribed on a small box) generate 10^2, 10^3 and
+10^4 one-shower shards of a micro model (one 8-wide MADE block per flow: a shard's own compute is small next to
+its coordination); generation and gather milliseconds per shard should stay flat as the shard count grows.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,19 +42,31 @@ LINE = re.compile(
 
 
 def build_run(root: Path, preset: str) -> Path:
-    """A DS2 run folder of ``preset`` with random weights (flow-1 teacher, flow-2/3 students): timing only."""
-    code = (
-        "import sys, torch; from pathlib import Path; from hpc_calo import rundir; from hpc_calo.geometry import DS2;"
-        " from hpc_calo.geometry import E_INC_MAX_MEV, E_INC_MIN_MEV; from hpc_calo.models import FlowModel\n"
-        "run, preset = Path(sys.argv[1]), sys.argv[2]; torch.manual_seed(0)\n"
-        "for k in (1, 2, 3):\n"
-        "    path = rundir.weights(run, k, student=k > 1)\n"
-        "    path.parent.mkdir(parents=True)\n"
-        "    FlowModel.from_preset(k, DS2, preset, student=k > 1).save(path)\n"
-        "rundir.write_run(run, {'dataset': 'ds2', 'preset': preset, 'energy_range': [E_INC_MIN_MEV, E_INC_MAX_MEV]})\n"
-    )
+    """A DS2 run folder with random weights (flow-1 teacher, flow-2/3 students): for timing only.
+
+    ``preset`` names an architecture, or ``micro``: one 8-wide MADE block per flow, so that a one-shower shard
+    costs little more than its coordination.
+    """
+    import torch
+
+    from hpc_calo import rundir
+    from hpc_calo.flows.presets import get_preset
+    from hpc_calo.geometry import DS2, E_INC_MAX_MEV, E_INC_MIN_MEV
+    from hpc_calo.models import FlowModel
+
     run = root / f"run-{preset}"
-    subprocess.run([PY, "-c", code, str(run), preset], check=True)
+    torch.manual_seed(0)
+    for k in (1, 2, 3):
+        student = k > 1
+        if preset == "micro":
+            spec = replace(get_preset("tiny").spec(k, DS2, student), hidden=8, layers=1, blocks=1, bins=2)
+            model = FlowModel(k, DS2, spec, student=student, preset="tiny")
+        else:
+            model = FlowModel.from_preset(k, DS2, preset, student=student)
+        path = rundir.weights(run, k, student=student)
+        path.parent.mkdir(parents=True)
+        model.save(path)
+    rundir.write_run(run, {"dataset": "ds2", "preset": preset, "energy_range": [E_INC_MIN_MEV, E_INC_MAX_MEV]})
     return run
 
 
@@ -141,7 +155,7 @@ def overhead(quick: bool, workers: int, shard_counts: list[int], out: Path | Non
     cases: dict[str, dict[int, dict[str, Any]]] = {b: {} for b in ("ray", "mpi")}
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
         root = Path(tmp)
-        run = build_run(root, "tiny")
+        run = build_run(root, "micro")
         for backend in cases:
             for shards in shard_counts:
                 c = run_case(run, root / f"{backend}{shards}.h5", backend, workers, shards, 1)
@@ -157,7 +171,8 @@ def overhead(quick: bool, workers: int, shard_counts: list[int], out: Path | Non
     report = {
         "bench": "production --overhead", "quick": quick, "dataset": "ds2", "workers": workers,
         "shower_per_shard": 1, "shard_counts": shard_counts,
-        "model": "tiny architecture, random weights (flow-1 teacher, flow-2/3 students)", "cases": cases,
+        "model": "micro: one 8-wide MADE block per flow, random weights (flow-1 teacher, flow-2/3 students)",
+        "cases": cases,
         "generate_ms_per_shard_growth": growth,
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()], "machine": machine(),

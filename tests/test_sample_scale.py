@@ -4,7 +4,6 @@ cost stays flat as the shard count grows, and the scaling benchmark runs end to 
 from __future__ import annotations
 
 import json
-import sys
 import time
 import tracemalloc
 from itertools import islice
@@ -66,13 +65,15 @@ def test_scaling_bench_quick_runs_every_backend(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.skipif(sys.platform != "linux", reason="oversubscribed MPI ranks: Linux CI only")
-def test_per_shard_overhead_is_flat_with_32_actors_and_32_ranks(tmp_path: Path) -> None:
-    report = overhead(quick=True, workers=32, shard_counts=[100, 1000], out=tmp_path / "overhead.json")
+def test_per_shard_overhead_stays_flat_from_100_to_1000_shards(tmp_path: Path) -> None:
+    """The coordination of Ray actors and MPI ranks costs the same per shard for 10x the shards. 4 workers, not
+    the benchmark's 32: 32 torch processes take minutes to start on a 2-core CI box, and their start is not part
+    of the per-shard cost measured here (generation is timed from every worker holding its chain)."""
+    report = overhead(quick=True, workers=4, shard_counts=[100, 1000], out=tmp_path / "overhead.json")
     for backend, by_shards in report["cases"].items():
         assert all("error" not in c for c in by_shards.values()), (backend, by_shards)
-        # 10x the shards of one shower each: the coordination's cost per shard must not grow (generous factor for
-        # a shared CI box; the planning and the gather scan are per request and per part, not per pair of shards).
+        assert all(c["torch_threads_per_worker"] == 1 for c in by_shards.values())
+        # Generous for a shared box: a per-shard cost that grew with the shard count would be 10x here.
         assert report["generate_ms_per_shard_growth"][backend] < 3, report["cases"]
         gather = [c["gather_ms_per_shard"] for c in by_shards.values()]
         assert gather[1] < 3 * gather[0] + 5, gather
