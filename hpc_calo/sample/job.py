@@ -84,7 +84,7 @@ class Outcome:
         return (
             f"{self.gathered.path}: {self.plan.n} {self.plan.dataset} showers from {len(self.plan.shards)} shards "
             f"({self.generated} generated in {self.gen_seconds:.2f} s{rate_s}, {self.reused} reused), "
-            f"gathered in {self.gathered.seconds:.1f} s; fixed costs: model load {self.startup.load:.2f} s, "
+            f"gathered in {self.gathered.seconds:.2f} s; fixed costs: model load {self.startup.load:.2f} s, "
             f"plan {self.startup.plan:.2f} s, workers ready in {self.startup.workers:.2f} s "
             f"(their model load {self.startup.worker_load:.2f} s, {self.startup.torch_threads} torch threads each)"
         )
