@@ -106,16 +106,16 @@ def scaling(quick: bool, showers: int | None, out: Path | None) -> dict[str, Any
     n = showers or (160 if quick else 6400)
     shard = max(1, n // 8)  # 8 equal shards: 4 per worker with 2 workers
     load_before = os.getloadavg()
-    cases: dict[str, dict[int, dict[str, Any]]] = {b: {} for b in BACKENDS}
+    cases: dict[str, dict[str, dict[str, Any]]] = {b: {} for b in BACKENDS}  # str keys: as in the JSON
     with tempfile.TemporaryDirectory(prefix="bench-scaling-") as tmp:
         root = Path(tmp)
         run = build_run(root, preset)
         for backend in BACKENDS:
             for w in (1, 2):
-                cases[backend][w] = run_case(run, root / f"{backend}{w}.h5", backend, w, n, shard)
-                print(backend, w, cases[backend][w], file=sys.stderr)
+                cases[backend][str(w)] = run_case(run, root / f"{backend}{w}.h5", backend, w, n, shard)
+                print(backend, w, cases[backend][str(w)], file=sys.stderr)
     for by_w in cases.values():
-        one = by_w[1]
+        one = by_w["1"]
         for c in by_w.values():
             if "error" not in c and "error" not in one:
                 c["speedup_generation"] = round(one["generate_s"] / c["generate_s"], 2)
@@ -152,7 +152,7 @@ def table(report: dict[str, Any]) -> str:
 
 def overhead(quick: bool, workers: int, shard_counts: list[int], out: Path | None) -> dict[str, Any]:
     load_before = os.getloadavg()
-    cases: dict[str, dict[int, dict[str, Any]]] = {b: {} for b in ("ray", "mpi")}
+    cases: dict[str, dict[str, dict[str, Any]]] = {b: {} for b in ("ray", "mpi")}
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
         root = Path(tmp)
         run = build_run(root, "micro")
@@ -162,10 +162,11 @@ def overhead(quick: bool, workers: int, shard_counts: list[int], out: Path | Non
                 if "error" not in c:
                     c["generate_ms_per_shard"] = round(1000 * c["generate_s"] / shards, 2)
                     c["gather_ms_per_shard"] = round(1000 * c["fixed_s"]["gather_write"] / shards, 2)
-                cases[backend][shards] = c
+                cases[backend][str(shards)] = c
                 print(backend, shards, c, file=sys.stderr)
+    lo, hi = str(min(shard_counts)), str(max(shard_counts))
     growth = {
-        b: round(by[max(by)]["generate_ms_per_shard"] / by[min(by)]["generate_ms_per_shard"], 2)
+        b: round(by[hi]["generate_ms_per_shard"] / by[lo]["generate_ms_per_shard"], 2)
         for b, by in cases.items() if all("error" not in c for c in by.values())
     }
     report = {
