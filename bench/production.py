@@ -7,6 +7,9 @@ before it starts). Without ``--run`` it builds the test-sized run (tiny DS2 teac
 synthetic showers, randomly initialised students), so the figures are for that tiny model: they show the
 sampler's overheads and scaling, not the speed of a production model. GPU: not measured here.
 
+``--scaling`` and ``--overhead``: strong scaling and the per-shard overhead of the coordination (see
+``bench.scaling``).
+
 ``--writer`` measures only the output writer instead: DS2 showers/s with gzip through ``CaloWriter`` with 1 and
 2 compression threads, compressing alone (the thread pool, no file) and writing a whole file end to end, next
 to h5py's own single-threaded filters; synthetic GFlash showers, cases interleaved, median of ``--reps``.
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import emit, machine
+from bench.scaling import overhead, scaling
 
 PY = sys.executable
 BIN = Path(PY).parent
@@ -158,12 +162,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.production", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer showers (a smoke run)")
     p.add_argument("--writer", action="store_true", help="measure only the output writer (gzip threads)")
+    p.add_argument("--scaling", action="store_true", help="strong scaling, 1 vs 2 workers per backend, with the "
+                   "fixed costs apart (bench.scaling; JSON to bench/results/scaling.json unless --quick)")
+    p.add_argument("--showers", type=int, default=None, help="--scaling: N (default 6400: one worker >= 2 min "
+                   "with the reference DS2 student; --quick 160)")
+    p.add_argument("--overhead", action="store_true", help="per-shard overhead with --workers Ray actors and MPI "
+                   "ranks at 10^2..10^4 one-shower shards (bench.scaling; JSON to bench/results/overhead.json)")
+    p.add_argument("--workers", type=int, default=32, help="--overhead: actors and ranks (default 32)")
+    p.add_argument("--shards", type=int, nargs="+", default=None,
+                   help="--overhead: shard counts (default 100 1000 10000; --quick 100 1000)")
     p.add_argument("--reps", type=int, default=5, help="--writer: repetitions of every case (default 5)")
     p.add_argument("--note", default="", help="--writer: a note for the JSON (what else ran on the machine)")
     p.add_argument("--run", type=Path, help="run directory to benchmark (default: build the tiny test run)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (one worker per GPU)")
     p.add_argument("--out", type=Path, help="also write the JSON here")
     args = p.parse_args(argv)
+    if args.scaling:
+        scaling(args.quick, args.showers, args.out)
+        return 0
+    if args.overhead:
+        overhead(args.quick, args.workers, args.shards or ([100, 1000] if args.quick else [100, 1000, 10000]), args.out)
+        return 0
     if args.writer:
         with tempfile.TemporaryDirectory(prefix="bench-writer-") as tmp:
             report = bench_writer(500 if args.quick else 4000, 2 if args.quick else args.reps, Path(tmp))

@@ -46,13 +46,13 @@ def gather(
 ) -> Gathered:
     out = Path(out)
     t0 = time.perf_counter()
-    records = parts.records(plan)
-    missing = [s.index for s in plan.shards if s.index not in records]
-    if missing:
+    done = parts.finished(plan)
+    if not done.all():
         raise UserError(
-            f"{parts.path}: {len(missing)} of {len(plan.shards)} shards are not generated yet "
-            f"(first: {missing[0]}); re-run the same command to generate them"
+            f"{parts.path}: {int((~done).sum())} of {len(plan.shards)} shards are not generated yet "
+            f"(first: {int(np.argmin(done))}); re-run the same command to generate them"
         )
+    del done
     geo = plan.geometry
     rows = min(rows_for_bytes(geo.n_voxels, block_bytes), plan.n)
     e_buf = np.empty(rows, dtype=np.float64)
@@ -69,6 +69,9 @@ def gather(
                 parts.discard(index)
                 return UserError(f"{path}: {why}; removed it, re-run the same command to regenerate it")
 
+            record = parts.valid(plan, shard.index)  # one record at a time: nothing per shard is kept
+            if record is None:
+                raise bad("its record went missing or changed during the gather")
             try:
                 f = h5py.File(path, "r")
             except OSError:
@@ -100,7 +103,7 @@ def gather(
                         writer.write(e_buf, s_buf)
                         fill = 0
                     bar.update(take)
-                if digest.hexdigest() != records[shard.index]["sha256"]:
+                if digest.hexdigest() != record["sha256"]:
                     raise bad("contents do not match the sha256 in its manifest record")
         if fill:
             writer.write(e_buf[:fill], s_buf[:fill])

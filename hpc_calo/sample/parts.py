@@ -22,7 +22,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,20 +80,27 @@ class PartsDir:
         with atomic_path(request) as tmp:
             tmp.write_text(json.dumps({"fingerprint": plan.fingerprint, "request": plan.description}, indent=1))
 
-    def records(self, plan: Plan) -> dict[int, dict[str, Any]]:
-        """Records of this plan's finished shards, by shard index."""
-        done: dict[int, dict[str, Any]] = {}
-        for shard in plan.shards:
-            rec = self.record(shard.index)
-            if rec is None or rec.get("fingerprint") != plan.fingerprint or rec.get("count") != shard.count:
-                continue
-            try:
-                if self.part_path(shard.index).stat().st_size != rec.get("bytes"):
-                    continue
-            except FileNotFoundError:
-                continue
-            done[shard.index] = rec
+    def finished(self, plan: Plan) -> np.ndarray:
+        """One bool per shard of ``plan``: its record names this request and its part has the recorded size.
+
+        One directory scan and one record read per part found; nothing per shard of the plan but the bitmap.
+        """
+        done = np.zeros(len(plan.shards), dtype=bool)
+        for index in self._recorded():
+            if index < len(done) and self.valid(plan, index) is not None:
+                done[index] = True
         return done
+
+    def valid(self, plan: Plan, index: int) -> dict[str, Any] | None:
+        """The record of shard ``index`` if it is a finished shard of ``plan``, else None."""
+        rec = self.record(index)
+        if rec is None or rec.get("fingerprint") != plan.fingerprint or rec.get("count") != plan.shards[index].count:
+            return None
+        try:
+            size = self.part_path(index).stat().st_size
+        except FileNotFoundError:
+            return None
+        return rec if size == rec.get("bytes") else None
 
     def record(self, index: int) -> dict[str, Any] | None:
         try:
@@ -101,13 +108,20 @@ class PartsDir:
         except (FileNotFoundError, ValueError):
             return None
 
-    def finished_indices(self) -> set[int]:
-        """Cheap progress probe (one directory listing): shards with a record, whoever wrote it."""
+    def _recorded(self) -> Iterator[int]:
+        """Indices of the records in the directory, whoever wrote them, in directory order."""
         try:
-            names = [e.name for e in os.scandir(self.path)]
+            with os.scandir(self.path) as entries:
+                for e in entries:
+                    n = e.name
+                    if n.startswith("part-") and n.endswith(".json") and n[5:-5].isdigit():
+                        yield int(n[5:-5])
         except FileNotFoundError:
-            return set()
-        return {int(n[5:-5]) for n in names if n.startswith("part-") and n.endswith(".json") and n[5:-5].isdigit()}
+            return
+
+    def recorded_count(self) -> int:
+        """Cheap progress probe (one directory scan): how many parts have a record."""
+        return sum(1 for _ in self._recorded())
 
     def write(
         self, plan: Plan, shard: Shard, energies: np.ndarray, batches: Iterable[np.ndarray], seconds: float = 0.0

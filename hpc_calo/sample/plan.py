@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,6 +102,38 @@ class Shards(Sequence[Shard]):
             raise IndexError(f"shard {index} of {len(self)}")
         a = index * self.size
         return Shard(index=index, start=a, count=min(self.size, self.n - a))
+
+
+@dataclass(frozen=True, eq=False)
+class ShardSet:
+    """Shard indices as sorted, disjoint half-open ranges: memory follows the gaps, not the shards.
+
+    The shards still to generate are one range for a fresh request and a few for a resumed one, so a plan of
+    a billion showers in 10^5 shards holds no per-shard Python objects.
+    """
+
+    ranges: np.ndarray  # (k, 2) int64: [start, stop) of each run of member indices, ascending
+
+    @classmethod
+    def where(cls, mask: np.ndarray) -> ShardSet:
+        """The indices where ``mask`` (one bool per shard) is True."""
+        padded = np.zeros(len(mask) + 2, dtype=bool)  # one byte per shard: the only per-shard memory
+        padded[1:-1] = mask
+        return cls(np.flatnonzero(padded[1:] != padded[:-1]).reshape(-1, 2))
+
+    def __len__(self) -> int:
+        return int((self.ranges[:, 1] - self.ranges[:, 0]).sum())
+
+    def __iter__(self) -> Iterator[int]:
+        for a, b in self.ranges:
+            yield from range(int(a), int(b))
+
+    def showers(self, shards: Shards) -> int:
+        """Rows in these shards: every shard has ``shards.size`` but the last."""
+        n = len(self) * shards.size
+        if len(self.ranges) and self.ranges[-1, 1] == len(shards):
+            n -= shards.size - shards[-1].count
+        return n
 
 
 @dataclass(frozen=True)

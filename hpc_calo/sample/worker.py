@@ -6,6 +6,8 @@ the bits of a shard never depend on the backend.
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +45,29 @@ def _host() -> str:
     return socket.gethostname()
 
 
+@dataclass(frozen=True)
+class Ready:
+    """What a started worker reports before its first shard."""
+
+    load_seconds: float  # its own chain load (0: it was handed a loaded chain)
+    torch_threads: int
+
+
 class Worker:
     """Holds one loaded chain; ``run(i)`` generates shard ``i`` and records its part. Returns the count."""
 
     def __init__(self, plan: Plan, parts_dir: Path, chain: Any = None, device: str | None = None) -> None:
+        import torch
+
         self.plan = plan
         self.parts = PartsDir(parts_dir)
         torch_threads(plan.request.threads)
+        t0 = time.perf_counter()
         self.chain = chain if chain is not None else load_chain(plan.request, device)
+        self._ready = Ready(time.perf_counter() - t0 if chain is None else 0.0, torch.get_num_threads())
+
+    def ready(self) -> Ready:
+        return self._ready
 
     def run(self, index: int) -> int:
         shard = self.plan.shards[index]
