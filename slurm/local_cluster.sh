@@ -182,8 +182,9 @@ SlurmdUser=root
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
 AuthType=auth/munge
-# cred_expire is also how long a requeued job waits before it may start again (default 120 s).
-AuthInfo=socket=$MUNGE_SOCKET,cred_expire=30
+# cred_expire is also how long a requeued job waits before it may start again (default 120 s): short, so that a
+# requeued training job resumes within seconds; one node, so a credential is used as soon as it is made.
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
 CredType=cred/munge
 StateSaveLocation=$STATE/spool/ctld
 SlurmdSpoolDir=$STATE/spool/d
