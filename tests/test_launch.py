@@ -25,14 +25,25 @@ from launch.config import load_file, resolve
 
 PY = sys.executable
 REPO = Path(__file__).resolve().parents[1]
-# Small enough for CI, large enough that every stage does real work: each flow takes two optimiser steps (and
-# validates, checkpoints and saves its weights), the evaluation skips the costly metrics and the figures (the
-# evaluation's own tests cover them; test_every_setting_reaches_every_stage_that_uses_it the wiring).
-TINY = ["--dataset", "ds2", "--synthetic", "400", "--showers", "200", "--preset", "tiny",
-        *(arg for flow in ("flow1", "flow2", "flow3", "flow2_student", "flow3_student")
-          for arg in ("--budget", f"{flow}=steps:2")),
-        "--eval-epochs", "1", "--eval-metrics", "hist,cls-high", "--no-eval-plots", "--prep-ranks", "2",
+# Small enough for CI, large enough that every stage does real work.
+TINY = ["--dataset", "ds2", "--synthetic", "400", "--showers", "200", "--preset", "tiny", "--prep-ranks", "2",
         "--sample-workers", "2"]
+# The rest, through --config (a TOML file, as a user would write one): each flow takes two optimiser steps (and
+# validates, checkpoints and saves its weights); 10 validation showers (a student's validation and quality check
+# sample its teacher, at a cost that grows with them); the evaluation without the costly metrics and figures
+# (the evaluation's own tests cover them, test_every_setting_reaches_every_stage_that_uses_it the wiring).
+CHEAP = """val_fraction = 0.025
+eval_epochs = 1
+eval_metrics = ["hist", "cls-high"]
+eval_plots = false
+""" + "".join(f"[budget.{flow}]\nsteps = 2\n" for flow in ("flow1", "flow2", "flow3", "flow2_student",
+                                                          "flow3_student"))
+
+
+def tiny(tmp_path: Path) -> list[str]:
+    """TINY and the cheap settings' file."""
+    (tmp_path / "cheap.toml").write_text(CHEAP)
+    return [*TINY, "--config", str(tmp_path / "cheap.toml")]
 
 
 def submit(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
@@ -47,7 +58,7 @@ def assert_pipeline_outputs(out: Path, n: int = 200) -> None:
     assert "fpd" not in report and not list((out / "report").glob("*.png"))  # as the settings asked
     assert (out / "report" / "report.md").is_file()
     resolved = json.loads((out / "config.json").read_text())
-    assert resolved["preset"] == "tiny" and resolved["synthetic"] == 400
+    assert resolved["preset"] == "tiny" and resolved["synthetic"] == 400 and resolved["val_fraction"] == 0.025
 
 
 def test_config_precedence_file_then_flags(tmp_path: Path) -> None:
@@ -151,12 +162,12 @@ def test_the_bare_slurm_command_takes_the_official_files_and_the_site_resources(
 def test_local_pipeline_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "local"
     # Two jobs: the teachers, then the students, train side by side in their own processes.
-    r = submit("--cluster", "local", *TINY, "--out", str(out), "--jobs", "2")
+    r = submit("--cluster", "local", *tiny(tmp_path), "--out", str(out), "--jobs", "2")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert_pipeline_outputs(out)
     # Re-running the same command finds everything done and changes nothing.
     before = (out / "production.h5").stat().st_mtime_ns
-    r = submit("--cluster", "local", *TINY, "--out", str(out), "--stage", "sample")
+    r = submit("--cluster", "local", *tiny(tmp_path), "--out", str(out), "--stage", "sample")
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "production.h5").stat().st_mtime_ns == before
 
@@ -200,7 +211,8 @@ def _job_ids(stdout: str) -> dict[str, str]:
 @pytest.mark.integration
 def test_slurm_pipeline_end_to_end(slurm: None, tmp_path: Path) -> None:
     out = tmp_path / "slurm"
-    r = submit("--cluster", "slurm", *TINY, "--out", str(out), "--sample-backend", "mpi", "--time", "00:10:00")
+    r = submit("--cluster", "slurm", *tiny(tmp_path), "--out", str(out), "--sample-backend", "mpi", "--time",
+               "00:10:00")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ids = _job_ids(r.stdout)
     assert list(ids) == ["prep", "teacher", "student", "sample", "evaluate"]
@@ -327,7 +339,7 @@ def test_ray_job_submit_against_local_head(tmp_path: Path) -> None:
     try:
         out = tmp_path / "rayjob"
         r = _submit([ray, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--",
-                     PY, "-m", "launch.ray_job", *TINY, "--out", str(out)], env)
+                     PY, "-m", "launch.ray_job", *tiny(tmp_path), "--out", str(out)], env)
         assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
         assert "succeeded" in r.stdout.lower()
         assert_pipeline_outputs(out)
