@@ -289,12 +289,17 @@ def _free_port() -> int:
 
 
 def _ray_head(env: dict[str, str]) -> tuple[str, int, str]:
-    """Start a local Ray head; return the ray CLI, its dashboard port and its temp dir."""
+    """Start a local Ray head; return the ray CLI, its dashboard port and its temp dir.
+
+    Every port is a free one: the dashboard agent's HTTP port is otherwise a fixed 52365, and with another Ray
+    on the machine (or a head just stopped) the agent fails to bind it and every `ray job submit` is answered
+    "No available agent"."""
     ray = str(Path(PY).parent / "ray")
-    port, dash, client = _free_port(), _free_port(), _free_port()
+    port, dash, client, agent = _free_port(), _free_port(), _free_port(), _free_port()
     temp = f"/tmp/rj{port}"  # one per head: a second head in the same folder meets the first one's leftovers
     subprocess.run([ray, "start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=2",
-                    f"--ray-client-server-port={client}", f"--temp-dir={temp}", "--disable-usage-stats"],
+                    f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+                    f"--temp-dir={temp}", "--disable-usage-stats"],
                    check=True, env=env, capture_output=True)
     return ray, dash, temp
 
