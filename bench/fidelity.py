@@ -109,14 +109,19 @@ def make_data(s: Settings) -> None:
             _run(s, f"synth_{name}", "data_prep.synth", ["--dataset", "ds2", "--showers", str(n), "--seed", str(seed),
                                                           "--out", str(s.path("data", f"{name}.h5"))])
     _run(s, "convert", "data_prep.convert", ["--dataset", "ds2", str(s.path("data", "train.h5")),
-                                             "--out", str(s.path("store.zarr")), "--val-fraction", "0.1", "--quiet"])
+                                             "--out", str(s.path("store.zarr")), "--val-fraction",
+                                             # --quick: 15 validation showers (see _train_one)
+                                             "0.05" if s.quick else "0.1", "--quiet"])
 
 
 def _train_one(s: Settings, name: str) -> None:
     flow = name[4]
     common = ["--threads", str(s.threads), "--log-every", "200", *_budget_flags(s, name)]
     if name.endswith("_student"):
-        _run(s, name, "hpc_calo.distill", ["--run", str(s.path("run")), "--flow", flow, *common])
+        # A student's validation and quality check sample its teacher, at a cost that grows with the rows:
+        # --quick keeps them few.
+        quick = ["--diagnostic-samples", "256"] if s.quick else []
+        _run(s, name, "hpc_calo.distill", ["--run", str(s.path("run")), "--flow", flow, *common, *quick])
     else:
         _run(s, name, "hpc_calo.train", ["--flow", flow, "--store", str(s.path("store.zarr")), "--preset", s.preset,
                                          "--out", str(s.path("run")), *common])

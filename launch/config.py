@@ -106,6 +106,8 @@ class PipelineConfig:
     # over ``epochs``. Changing a budget and re-running extends (or ends) that flow's training.
     budget: dict[str, dict[str, float]] = field(default_factory=dict)
     eval_epochs: int = 50  # classifier epochs of the evaluation (official: 50)
+    eval_metrics: list[str] | None = None  # the evaluation's metrics (hpc_calo.evaluate --metrics); None: all
+    eval_plots: bool = True  # the evaluation's PNG figures
     resources: Resources = field(default_factory=Resources)
     # Where every computing stage runs: cpu or cuda; None: cuda when resources.gpus_per_node > 0, else cpu.
     device: str | None = None
@@ -201,6 +203,15 @@ class PipelineConfig:
             raise UserError(f"--amp {self.amp} needs --device cuda and --dtype float32")
         if self.threads is not None and self.threads < 1:
             raise UserError(f"--threads must be positive, not {self.threads}")
+        if self.eval_metrics is not None:
+            # Here, not at the evaluation: a typo must not surface after hours of training. Imported only then:
+            # the evaluation package pulls in torch and matplotlib.
+            from hpc_calo.evaluate.config import METRICS
+
+            bad = [m for m in self.eval_metrics if m not in METRICS]
+            if bad or not self.eval_metrics:
+                raise UserError(f"--eval-metrics: unknown {', '.join(bad) or 'empty list'}; choose from "
+                                f"{', '.join(METRICS)}")
         self.resources.validate()
 
     @classmethod

@@ -145,17 +145,21 @@ def _tail(path: Path, n: int = 25) -> str:
         return f"(no log at {path})"
 
 
-def follow(jobs: list[tuple[str, submitit.Job]], poll_s: float = 10.0) -> tuple[bool, str]:
-    """Wait for every job; on the first failure cancel the rest and return its stage and log tail."""
+def follow(jobs: list[tuple[str, submitit.Job]], max_poll_s: float = 10.0) -> tuple[bool, str]:
+    """Wait for every job; on the first failure cancel the rest and return its stage and log tail.
+
+    The poll interval starts at 1 s after each change of state and doubles up to ``max_poll_s``: a short stage
+    is seen to end within a second or two, a long one costs sacct a query every ``max_poll_s``."""
     last: dict[str, str] = {}
     pending = list(jobs)
+    poll_s = 1.0
     while pending:
         stage, job = pending[0]
         # Forced: submitit's own cache refreshes an old job's state only every 1-10 minutes.
         state = job.watcher.get_state(job.job_id, mode="force").split()[0].upper()
         if last.get(stage) != state:
             print(f"  {stage:9} job {job.job_id}: {state}", flush=True)
-            last[stage] = state
+            last[stage], poll_s = state, 1.0
         if state in DONE_STATES:
             pending.pop(0)
             continue
@@ -166,4 +170,5 @@ def follow(jobs: list[tuple[str, submitit.Job]], poll_s: float = 10.0) -> tuple[
                    f"--- tail of {job.paths.stderr} ---\n{_tail(Path(job.paths.stderr))}")
             return False, msg
         time.sleep(poll_s)
+        poll_s = min(2 * poll_s, max_poll_s)
     return True, ""

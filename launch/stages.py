@@ -165,7 +165,8 @@ def _evaluate_steps(cfg: PipelineConfig, where: Where) -> list[Step]:
 
     req = EvaluateRequest(gen=cfg.path("production"), ref=cfg.reference_file(), dataset=cfg.dataset,
                           out=cfg.path("report"), device=cfg.compute_device, epochs=cfg.eval_epochs,
-                          seed=cfg.seed, threads=_threads(cfg, 0))
+                          seed=cfg.seed, threads=_threads(cfg, 0), plots=cfg.eval_plots,
+                          **({"metrics": tuple(cfg.eval_metrics)} if cfg.eval_metrics else {}))
     return [Step(_evaluate_equal_sizes, req)]
 
 

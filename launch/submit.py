@@ -72,6 +72,11 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
                         "larger budget extends that flow's training")
     p.add_argument("--eval-epochs", type=positive_int("--eval-epochs"),
                    help="classifier epochs in the evaluation (official 50)")
+    p.add_argument("--eval-metrics", type=_metric_list, metavar="M1,M2",
+                   help="the evaluation's metrics, a comma-separated subset of hist, cls-low, cls-high, cls-boost, "
+                        "fpd (default: all)")
+    p.add_argument("--eval-plots", action=argparse.BooleanOptionalAction,
+                   help="write the evaluation's PNG figures (default: yes)")
     p.add_argument("--workers", type=positive_int("--workers"),
                    help="Ray Train workers for flow-3 (teacher and student)")
     p.add_argument("--prep-ranks", type=positive_int("--prep-ranks"), help="MPI ranks of the store conversion")
@@ -114,6 +119,10 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-wait", action="store_true", help="slurm: submit and return without following")
 
 
+def _metric_list(text: str) -> list[str]:
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
 def parse_budget(text: str) -> tuple[str, dict[str, float]]:
     try:
         name, rest = text.split("=", 1)
@@ -133,7 +142,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[PipelineConfig, dict[str
         layers.append((f"config file {args.config}", load_file(args.config)))
     flags: dict[str, Any] = {
         k: getattr(args, k) for k in ("dataset", "out", "data", "synthetic", "reference", "data_dir", "showers",
-                                      "preset", "epochs", "eval_epochs", "workers", "prep_ranks", "sample_backend",
+                                      "preset", "epochs", "eval_epochs", "eval_metrics", "eval_plots", "workers",
+                                      "prep_ranks", "sample_backend",
                                       "sample_workers", "seed", "device", "dtype", "sample_dtype", "amp", "threads",
                                       "jobs")
     }

@@ -182,8 +182,9 @@ SlurmdUser=root
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
 AuthType=auth/munge
-# cred_expire is also how long a requeued job waits before it may start again (default 120 s).
-AuthInfo=socket=$MUNGE_SOCKET,cred_expire=30
+# cred_expire is also how long a requeued job waits before it may start again (default 120 s): short, so that a
+# requeued training job resumes within seconds; one node, so a credential is used as soon as it is made.
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
 CredType=cred/munge
 StateSaveLocation=$STATE/spool/ctld
 SlurmdSpoolDir=$STATE/spool/d
@@ -202,7 +203,9 @@ SwitchType=switch/none
 MpiDefault=pmi2
 # Consumable cores, memory not consumed: small jobs share the node without asking for --mem.
 SchedulerType=sched/backfill
-SchedulerParameters=bf_interval=5,sched_min_interval=100000
+# The main scheduling pass every 2 s (default 60): a job that becomes eligible by time (a requeued job's
+# BeginTime) starts at the next pass.
+SchedulerParameters=bf_interval=5,sched_min_interval=100000,sched_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 # Use the CPU count below even if it exceeds the hardware (a little oversubscription for tiny jobs).

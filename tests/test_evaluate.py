@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 
 from hpc_calo.evaluate.classifier import ClassifierConfig, ClassifierData, SplitPlan, _batches
-from hpc_calo.evaluate.distances import FPDConfig, KPDConfig, fpd, frechet_distance, kpd, mmd2_poly_unbiased
+from hpc_calo.evaluate.distances import (
+    FPDConfig,
+    KPDConfig,
+    fpd,
+    frechet_distance,
+    kpd,
+    mmd2_poly_unbiased,
+    sample_frechet_distance,
+)
 from hpc_calo.evaluate.energies import compare_incident_energies
 from hpc_calo.evaluate.features import LAYER_FEATURES, THRESHOLD_MEV, FeatureCollector, scan
 from hpc_calo.evaluate.histograms import chi2_ndf, feature_histograms, separation_power
@@ -162,6 +170,16 @@ def test_frechet_distance_of_known_gaussians() -> None:
     a = rng.normal(size=(4, 4))
     s = a @ a.T + np.eye(4)
     assert frechet_distance(mu1[:1].repeat(4), s, mu1[:1].repeat(4), s) == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("n", [5, 12, 30])
+def test_sample_frechet_distance_equals_the_covariance_form(n: int) -> None:
+    """Fewer rows than features (the SVD of A B^T), as many, and more (the covariance form itself)."""
+    rng = np.random.default_rng(n)
+    a, b = rng.gamma(2.0, size=(n, 12)), 1.2 * rng.gamma(2.5, size=(n, 12))
+    cov = frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    assert sample_frechet_distance(a, b) == pytest.approx(cov, rel=1e-6)
+    assert sample_frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_fpd_recovers_a_known_shift_and_is_zero_for_one_distribution() -> None:

@@ -26,8 +26,24 @@ from launch.config import load_file, resolve
 PY = sys.executable
 REPO = Path(__file__).resolve().parents[1]
 # Small enough for CI, large enough that every stage does real work.
-TINY = ["--dataset", "ds2", "--synthetic", "400", "--showers", "200", "--preset", "tiny", "--epochs", "1",
-        "--eval-epochs", "2", "--prep-ranks", "2", "--sample-workers", "2"]
+TINY = ["--dataset", "ds2", "--synthetic", "400", "--showers", "200", "--preset", "tiny", "--prep-ranks", "2",
+        "--sample-workers", "2"]
+# The rest, through --config (a TOML file, as a user would write one): each flow takes two optimiser steps (and
+# validates, checkpoints and saves its weights); 10 validation showers (a student's validation and quality check
+# sample its teacher, at a cost that grows with them); the evaluation without the costly metrics and figures
+# (the evaluation's own tests cover them, test_every_setting_reaches_every_stage_that_uses_it the wiring).
+CHEAP = """val_fraction = 0.025
+eval_epochs = 1
+eval_metrics = ["hist", "cls-high"]
+eval_plots = false
+""" + "".join(f"[budget.{flow}]\nsteps = 2\n" for flow in ("flow1", "flow2", "flow3", "flow2_student",
+                                                          "flow3_student"))
+
+
+def tiny(tmp_path: Path) -> list[str]:
+    """TINY and the cheap settings' file."""
+    (tmp_path / "cheap.toml").write_text(CHEAP)
+    return [*TINY, "--config", str(tmp_path / "cheap.toml")]
 
 
 def submit(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
@@ -38,10 +54,11 @@ def assert_pipeline_outputs(out: Path, n: int = 200) -> None:
     summary = check_file(out / "production.h5")
     assert summary.n == n and summary.dataset == "ds2"
     report = json.loads((out / "report" / "report.json").read_text())
-    assert report, "empty evaluation report"
+    assert report["histograms"]["groups"] and 0.0 <= report["cls_high"]["auc"] <= 1.0
+    assert "fpd" not in report and not list((out / "report").glob("*.png"))  # as the settings asked
     assert (out / "report" / "report.md").is_file()
     resolved = json.loads((out / "config.json").read_text())
-    assert resolved["preset"] == "tiny" and resolved["synthetic"] == 400
+    assert resolved["preset"] == "tiny" and resolved["synthetic"] == 400 and resolved["val_fraction"] == 0.025
 
 
 def test_config_precedence_file_then_flags(tmp_path: Path) -> None:
@@ -72,6 +89,7 @@ def test_config_precedence_file_then_flags(tmp_path: Path) -> None:
         ("colour = 1\n", {}, "unknown setting"),
         ("", {"synthetic": 500, "data": ["x.h5"]}, "exactly one of"),
         ("", {"synthetic": 500, "sample_backend": "carrier-pigeon"}, "--sample-backend"),
+        ("", {"synthetic": 500, "eval_metrics": ["hist", "magic"]}, "--eval-metrics: unknown magic"),
         ("[resources]\ntime = '90 minutes'\n", {"synthetic": 500}, "HH:MM:SS"),
         ("[resources]\ntime = '00:02:00'\n", {"synthetic": 500}, "up to 60 s earlier"),
         ("", {"data": ["/nonexistent.h5"], "reference": "/nonexistent.h5"}, "no such file"),
@@ -144,12 +162,12 @@ def test_the_bare_slurm_command_takes_the_official_files_and_the_site_resources(
 def test_local_pipeline_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "local"
     # Two jobs: the teachers, then the students, train side by side in their own processes.
-    r = submit("--cluster", "local", *TINY, "--out", str(out), "--jobs", "2")
+    r = submit("--cluster", "local", *tiny(tmp_path), "--out", str(out), "--jobs", "2")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert_pipeline_outputs(out)
     # Re-running the same command finds everything done and changes nothing.
     before = (out / "production.h5").stat().st_mtime_ns
-    r = submit("--cluster", "local", *TINY, "--out", str(out), "--stage", "sample")
+    r = submit("--cluster", "local", *tiny(tmp_path), "--out", str(out), "--stage", "sample")
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "production.h5").stat().st_mtime_ns == before
 
@@ -193,7 +211,8 @@ def _job_ids(stdout: str) -> dict[str, str]:
 @pytest.mark.integration
 def test_slurm_pipeline_end_to_end(slurm: None, tmp_path: Path) -> None:
     out = tmp_path / "slurm"
-    r = submit("--cluster", "slurm", *TINY, "--out", str(out), "--sample-backend", "mpi", "--time", "00:10:00")
+    r = submit("--cluster", "slurm", *tiny(tmp_path), "--out", str(out), "--sample-backend", "mpi", "--time",
+               "00:10:00")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ids = _job_ids(r.stdout)
     assert list(ids) == ["prep", "teacher", "student", "sample", "evaluate"]
@@ -221,7 +240,7 @@ def test_slurm_failed_stage_cancels_the_rest(slurm: None, tmp_path: Path) -> Non
         states = _sacct_states(list(ids.values()))
         if states.get(ids["evaluate"], ["PENDING"])[-1] == "CANCELLED":
             break
-        time.sleep(2)
+        time.sleep(0.5)
     assert states[ids["prep"]][-1] == "FAILED"
     assert all(states[ids[s]][-1] == "CANCELLED" for s in ("teacher", "student", "sample", "evaluate")), states
 
@@ -236,8 +255,10 @@ def test_slurm_training_requeues_on_the_checkpoint_signal_and_resumes(slurm: Non
     common = ["--dataset", "ds2", "--synthetic", "400", "--showers", "200", "--preset", "tiny", "--out", str(out)]
     r = submit("--cluster", "local", *common, "--stage", "prep", "--prep-ranks", "1")
     assert r.returncode == 0, r.stderr[-3000:]
-    r = submit("--cluster", "slurm", *common, "--stage", "teacher", "--epochs", "25", "--time", "00:10:00",
-               "--no-wait")
+    # Flow-3 trains first: enough epochs left after its second starts for the signal to land mid-training (an
+    # epoch is ~60 steps); flows 1 and 2 then take one step each.
+    r = submit("--cluster", "slurm", *common, "--stage", "teacher", "--budget", "flow3=epochs:6", "--budget",
+               "flow1=steps:1", "--budget", "flow2=steps:1", "--time", "00:10:00", "--no-wait")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     job = _job_ids(r.stdout)["teacher"]
 
@@ -252,7 +273,7 @@ def test_slurm_training_requeues_on_the_checkpoint_signal_and_resumes(slurm: Non
     deadline = time.monotonic() + 600
     while (states := _sacct_states([job]).get(job, ["PENDING"]))[-1] not in ("COMPLETED", "FAILED", "CANCELLED"):
         assert time.monotonic() < deadline, states
-        time.sleep(3)
+        time.sleep(1)
     assert states[-1] == "COMPLETED" and "REQUEUED" in states, (states, log_text()[-3000:])
     assert "resuming at epoch" in log_text()
     for flow in (1, 2, 3):
@@ -268,12 +289,17 @@ def _free_port() -> int:
 
 
 def _ray_head(env: dict[str, str]) -> tuple[str, int, str]:
-    """Start a local Ray head; return the ray CLI, its dashboard port and its temp dir."""
+    """Start a local Ray head; return the ray CLI, its dashboard port and its temp dir.
+
+    Every port is a free one: the dashboard agent's HTTP port is otherwise a fixed 52365, and with another Ray
+    on the machine (or a head just stopped) the agent fails to bind it and every `ray job submit` is answered
+    "No available agent"."""
     ray = str(Path(PY).parent / "ray")
-    port, dash, client = _free_port(), _free_port(), _free_port()
+    port, dash, client, agent = _free_port(), _free_port(), _free_port(), _free_port()
     temp = f"/tmp/rj{port}"  # one per head: a second head in the same folder meets the first one's leftovers
     subprocess.run([ray, "start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=2",
-                    f"--ray-client-server-port={client}", f"--temp-dir={temp}", "--disable-usage-stats"],
+                    f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+                    f"--temp-dir={temp}", "--disable-usage-stats"],
                    check=True, env=env, capture_output=True)
     return ray, dash, temp
 
@@ -281,23 +307,33 @@ def _ray_head(env: dict[str, str]) -> tuple[str, int, str]:
 def _stop_head(temp: str) -> None:
     """Stop the head started with ``temp``, and only it (``ray stop`` would stop every Ray on the machine);
     its workers exit with their raylet."""
-    pids = subprocess.run(["pgrep", "-f", temp], capture_output=True, text=True).stdout.split()
+    pids = [int(p) for p in subprocess.run(["pgrep", "-f", temp], capture_output=True, text=True).stdout.split()]
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), sig)
-        time.sleep(3)
+                os.kill(pid, sig)
+        deadline = time.monotonic() + 3
+        while (pids := [p for p in pids if _alive(p)]) and time.monotonic() < deadline:
+            time.sleep(0.1)
     shutil.rmtree(temp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """Still running (not gone, not a zombie awaiting its parent)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _submit(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """``ray job submit``; a head just started may not have its job agent up yet, which Ray answers with
     "No available agent" before creating any job, so that answer is retried."""
-    for _ in range(12):
+    for _ in range(30):
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
         if r.returncode == 0 or "No available agent" not in r.stdout + r.stderr:
             return r
-        time.sleep(5)
+        time.sleep(2)
     return r
 
 
@@ -308,7 +344,7 @@ def test_ray_job_submit_against_local_head(tmp_path: Path) -> None:
     try:
         out = tmp_path / "rayjob"
         r = _submit([ray, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--",
-                     PY, "-m", "launch.ray_job", *TINY, "--out", str(out)], env)
+                     PY, "-m", "launch.ray_job", *tiny(tmp_path), "--out", str(out)], env)
         assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
         assert "succeeded" in r.stdout.lower()
         assert_pipeline_outputs(out)
@@ -328,6 +364,8 @@ USES = {
     "eval_epochs": ("epochs", 4, {"evaluate"}),
     "workers": ("workers", 2, {"teacher", "student"}),
     "sample_workers": ("workers", 5, {"sample"}),
+    "eval_metrics": ("metrics", ("hist", "cls-low"), {"evaluate"}),
+    "eval_plots": ("plots", False, {"evaluate"}),
 }
 
 

@@ -7,6 +7,7 @@ where the exit code, stderr or a signal matters.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -373,28 +374,38 @@ def test_sample_threads_and_train_batch_size_reach_their_code(run_copy: Path, tm
 
 @pytest.mark.integration
 def test_ctrl_c_on_mpi_convert_ends_every_rank(synthetic: Callable[..., Path], tmp_path: Path) -> None:
-    """SIGINT to the process group of ``mpiexec -n 2`` (what Ctrl-C sends), at varied moments, 10 times."""
+    """SIGINT to the process group of ``mpiexec -n 2`` (what Ctrl-C sends), at varied moments, 10 times: two
+    trials at a time, each signalled at its own moment (the waits overlap; half the wall time)."""
     if not MPIEXEC.exists():
         pytest.skip("no mpiexec in the environment")
     data = synthetic("ds2", 2000, 5)
     delays = np.random.default_rng(0).uniform(1.5, 6.0, 10)
-    for trial, delay in enumerate(delays):
-        store = tmp_path / f"s{trial}.zarr"
-        proc = subprocess.Popen(
+
+    def start(trial: int) -> subprocess.Popen[str]:
+        return subprocess.Popen(
             [str(MPIEXEC), "-n", "2", sys.executable, "-m", "data_prep.convert", "--dataset", "ds2", str(data),
-             "--out", str(store), "--chunk-showers", "10", "--block-showers", "10", "--quiet"],
+             "--out", str(tmp_path / f"s{trial}.zarr"), "--chunk-showers", "10", "--block-showers", "10", "--quiet"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True,
             env={**os.environ, "PYTHONPATH": str(REPO)})
-        time.sleep(delay)
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            _, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            pytest.fail(f"trial {trial}: mpiexec still running 60 s after Ctrl-C at {delay:.1f} s (a rank hangs)")
-        # Interrupted (non-zero) or, when the signal came after the end, finished; never a hang.
-        assert proc.returncode != 0 or "complete" in err, (trial, proc.returncode, err[-2000:])
+
+    for first in range(0, len(delays), 2):
+        trials = {trial: start(trial) for trial in range(first, min(first + 2, len(delays)))}
+        t0 = time.monotonic()
+        for trial in sorted(trials, key=lambda t: delays[t]):
+            time.sleep(max(0.0, t0 + delays[trial] - time.monotonic()))
+            os.killpg(trials[trial].pid, signal.SIGINT)
+        for trial, proc in trials.items():
+            try:
+                _, err = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                for other in trials.values():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(other.pid, signal.SIGKILL)
+                    other.communicate()
+                pytest.fail(f"trial {trial}: mpiexec still running 60 s after Ctrl-C at {delays[trial]:.1f} s "
+                            "(a rank hangs)")
+            # Interrupted (non-zero) or, when the signal came after the end, finished; never a hang.
+            assert proc.returncode != 0 or "complete" in err, (trial, proc.returncode, err[-2000:])
 
 
 # ---- 10: requests that cannot fit ------------------------------------------------------------------------------

@@ -49,6 +49,26 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product(sigma1, sigma2))
 
 
+def sample_frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """:func:`frechet_distance` of the Gaussians fitted to the rows of ``a`` and of ``b``.
+
+    With no more rows than features (FPD's small bootstrap sizes) the covariances are rank-deficient and
+    Tr sqrtm(S1 S2) is the sum of the singular values of A B^T / (n - 1), A and B the centred samples: the non-zero
+    eigenvalues of S1 S2 = A^T A B^T B / (n - 1)^2 are those of (A B^T)(A B^T)^T / (n - 1)^2. One n x n SVD
+    instead of two d x d eigendecompositions, and no round-off from the d - n zero eigenvalues.
+    """
+    n, d = a.shape
+    if len(b) != n or n > d:
+        return frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    ac, bc = a - mu_a, b - mu_b
+    diff = mu_a - mu_b
+    with threadpool_limits(limits=1, user_api="blas"):  # small dense problems: see trace_sqrt_product
+        tr_sqrt = float(np.linalg.svd(ac @ bc.T, compute_uv=False).sum()) / (n - 1)
+    traces = (float(np.einsum("ij,ij->", ac, ac)) + float(np.einsum("ij,ij->", bc, bc))) / (n - 1)
+    return float(diff @ diff + traces - 2.0 * tr_sqrt)
+
+
 @dataclass(frozen=True)
 class FPDConfig:
     min_samples: int = 10_000  # CaloChallenge's value (jetnet's default is 20,000)
@@ -69,7 +89,7 @@ def fpd(real: np.ndarray, gen: np.ndarray, cfg: FPDConfig = FPDConfig()) -> tupl
         for _ in range(cfg.num_batches):
             a = x[rng.choice(len(x), size=size)]
             b = y[rng.choice(len(y), size=size)]
-            points.append(frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)))
+            points.append(sample_frechet_distance(a, b))
         vals.append(np.mean(points))
     params, covs = curve_fit(lambda t, c, m: c + m * t, 1.0 / sizes, np.array(vals), bounds=([0, 0], [np.inf, np.inf]))
     return float(params[0]), float(np.sqrt(np.diag(covs)[0]))
