@@ -192,9 +192,12 @@ def rq_spline_sample(
     e = torch.sub(wh, wh.amax(dim=1, keepdim=True).to(y.dtype)).exp_()  # (2, K, n), in y's dtype
     # cum[a, j] = sum_{i<j} e[a, i], j = 0..K: the unnormalised knots (a = 0: x from the widths, a = 1: y from the
     # heights); cum[a, K] is the softmax denominator. Knot j is f * cum[a, j] + 2 * bound * j * min - bound.
-    cum = torch.empty(2, k + 1, n, dtype=y.dtype, device=y.device)
-    cum[:, 0].zero_()
-    torch.cumsum(e, dim=1, out=cum[:, 1:])
+    if torch.compiler.is_compiling():  # the compiler refuses a non-contiguous out=; same values
+        cum = torch.cat([torch.zeros_like(e[:, :1]), torch.cumsum(e, dim=1)], dim=1)
+    else:
+        cum = torch.empty(2, k + 1, n, dtype=y.dtype, device=y.device)
+        cum[:, 0].zero_()
+        torch.cumsum(e, dim=1, out=cum[:, 1:])
     mins = torch.tensor([min_width, min_height], dtype=y.dtype, device=y.device).view(2, 1)
     f = cum[:, k].reciprocal().mul_((1 - mins * k) * (2 * bound))  # (2, n)
     yc = yv.clamp(-bound, bound)
