@@ -193,7 +193,7 @@ def _sacct_states(job_ids: list[str]) -> dict[str, list[str]]:
     r = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)],
                        capture_output=True, text=True, check=True)
     states: dict[str, list[str]] = {}
-    for line in r.stdout.split():
+    for line in filter(None, r.stdout.splitlines()):  # a state may have spaces: "CANCELLED by 0"
         jid, state = line.split("|")
         states.setdefault(jid, []).append(state.split()[0])
     return states
