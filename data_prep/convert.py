@@ -40,7 +40,7 @@ from hpc_calo.flags import number, positive_int
 from hpc_calo.geometry import DATASETS, Geometry, get_geometry
 from hpc_calo.io import Block, CaloFile
 from hpc_calo.io.check import check_block
-from hpc_calo.mpi import plan_on_rank0
+from hpc_calo.mpi import mpi_module, plan_on_rank0
 from hpc_calo.outputs import PAIR_STORE, claim, refuse_inputs, storage_error
 
 CONVERTER_VERSION = f"hpc-calo {__version__} data_prep.convert 1"
@@ -111,10 +111,9 @@ class _SerialComm:
 def get_comm() -> Any:
     """COMM_WORLD when mpi4py and an MPI library are present (a lone process is a world of one), else serial."""
     try:
-        from mpi4py import MPI
+        return mpi_module().COMM_WORLD
     except (ImportError, RuntimeError):
         return _SerialComm()
-    return MPI.COMM_WORLD
 
 
 # ------------------------------------------------------------------------------------------------ plan
@@ -577,9 +576,7 @@ def _storage(err: OSError, out: Path, plan: Plan) -> UserError | None:
 def _max_op(comm: Any) -> Any:
     if isinstance(comm, _SerialComm):
         return None
-    from mpi4py import MPI
-
-    return MPI.MAX
+    return mpi_module().MAX
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -9,6 +11,25 @@ from hpc_calo.errors import UserError
 from hpc_calo.outputs import storage_error
 
 T = TypeVar("T")
+
+
+def mpi_module() -> Any:
+    """``mpi4py.MPI``, initialised with Ctrl-C at its default action (end the process) while MPI_Init runs.
+
+    MPI_Init waits in C for every rank; Python's SIGINT handler only sets a flag there, so a rank interrupted
+    inside it would wait forever for a peer that Ctrl-C has already ended, and mpiexec with it. Raises
+    ImportError/RuntimeError when mpi4py or an MPI library is missing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        from mpi4py import MPI
+
+        return MPI
+    old = signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        from mpi4py import MPI
+    finally:
+        signal.signal(signal.SIGINT, old)
+    return MPI
 
 
 def plan_on_rank0(comm: Any, plan: Callable[[], T]) -> tuple[T | None, str | None]:

@@ -21,6 +21,7 @@ from typing import Any
 
 from hpc_calo.cpus import owned_cpus
 from hpc_calo.errors import UserError
+from hpc_calo.mpi import mpi_module
 from launch.config import STAGES, PipelineConfig
 
 log = logging.getLogger(__name__)
@@ -236,9 +237,7 @@ def run(name: str, cfg: PipelineConfig, where: Where = Where()) -> None:
         for step in steps:
             _call(step)
         return
-    from mpi4py import MPI
-
-    comm = MPI.COMM_WORLD
+    comm = mpi_module().COMM_WORLD
     if comm.Get_rank() == 0:  # rank 0 alone makes the synthetic data while the others wait
         for step in stage.steps(cfg, where):
             if step.rank0:

@@ -374,12 +374,13 @@ def test_sample_threads_and_train_batch_size_reach_their_code(run_copy: Path, tm
 
 @pytest.mark.integration
 def test_ctrl_c_on_mpi_convert_ends_every_rank(synthetic: Callable[..., Path], tmp_path: Path) -> None:
-    """SIGINT to the process group of ``mpiexec -n 2`` (what Ctrl-C sends), at varied moments, 10 times: two
-    trials at a time, each signalled at its own moment (the waits overlap; half the wall time)."""
+    """SIGINT to the process group of ``mpiexec -n 2`` (what Ctrl-C sends), at varied moments, 8 times: four
+    trials at a time, each signalled at its own moment (the waits overlap). The earliest moments land while the
+    ranks import or sit in MPI_Init, where a rank once waited forever for a peer Ctrl-C had already ended."""
     if not MPIEXEC.exists():
         pytest.skip("no mpiexec in the environment")
     data = synthetic("ds2", 2000, 5)
-    delays = np.random.default_rng(0).uniform(1.5, 6.0, 10)
+    delays = np.random.default_rng(0).uniform(0.3, 6.0, 8)
 
     def start(trial: int) -> subprocess.Popen[str]:
         return subprocess.Popen(
@@ -388,8 +389,8 @@ def test_ctrl_c_on_mpi_convert_ends_every_rank(synthetic: Callable[..., Path], t
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True,
             env={**os.environ, "PYTHONPATH": str(REPO)})
 
-    for first in range(0, len(delays), 2):
-        trials = {trial: start(trial) for trial in range(first, min(first + 2, len(delays)))}
+    for first in range(0, len(delays), 4):
+        trials = {trial: start(trial) for trial in range(first, min(first + 4, len(delays)))}
         t0 = time.monotonic()
         for trial in sorted(trials, key=lambda t: delays[t]):
             time.sleep(max(0.0, t0 + delays[trial] - time.monotonic()))
@@ -406,6 +407,30 @@ def test_ctrl_c_on_mpi_convert_ends_every_rank(synthetic: Callable[..., Path], t
                             "(a rank hangs)")
             # Interrupted (non-zero) or, when the signal came after the end, finished; never a hang.
             assert proc.returncode != 0 or "complete" in err, (trial, proc.returncode, err[-2000:])
+
+
+@pytest.mark.integration
+def test_ctrl_c_ends_a_rank_waiting_in_mpi_init() -> None:
+    """Ctrl-C while one rank waits in MPI_Init for a peer that has already ended (as Ctrl-C during its imports
+    does): MPI_Init runs in C, where Python's handler only sets a flag, so without care the rank waits forever."""
+    if not MPIEXEC.exists():
+        pytest.skip("no mpiexec in the environment")
+    program = ("import os, sys\n"
+               "if os.environ.get('PMI_RANK') == '1':\n    sys.exit(130)\n"
+               "from hpc_calo.mpi import mpi_module\nmpi_module()\n")
+    proc = subprocess.Popen([str(MPIEXEC), "-n", "2", sys.executable, "-c", program], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    time.sleep(3)
+    assert proc.poll() is None, "rank 0 was expected to wait in MPI_Init for the ended rank 1"
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("mpiexec still running 30 s after Ctrl-C: the rank in MPI_Init ignored it")
+    assert proc.returncode != 0
 
 
 # ---- 10: requests that cannot fit ------------------------------------------------------------------------------

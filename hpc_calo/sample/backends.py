@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from hpc_calo.cpus import torch_threads
 from hpc_calo.errors import UserError, abort_world
-from hpc_calo.mpi import plan_on_rank0
+from hpc_calo.mpi import mpi_module, plan_on_rank0
 from hpc_calo.ray_session import ray_session
 from hpc_calo.sample.job import (
     Launch,
@@ -243,8 +243,7 @@ def run_mpi(req: Request, output: Output, launch: Launch) -> Outcome | None:
     Only the plan (no arrays) is broadcast. A rank that crashes aborts the job (MPI cannot continue with a
     dead rank); its finished parts stay and a re-run generates the rest.
     """
-    from mpi4py import MPI
-
+    MPI = mpi_module()
     comm = MPI.COMM_WORLD
     try:
         return _mpi_body(MPI, comm, req, output, launch)
