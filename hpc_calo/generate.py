@@ -155,7 +155,7 @@ class Chain:
         """Flow-3: layer n (voxels, MeV) from layer n - 1."""
         v = self.geometry.voxels_per_layer
         # As in the reference: the generated layer gets fresh noise and is renormalised to condition the next.
-        prev = pp.logit(pp.normalise(layer + pp.NOISE_MEV * noise.uniform(v))[0])
+        prev = pp.logit(pp.normalise(layer + self.flows[3].noise_mev * noise.uniform(v))[0])
         c = self.flows[3].context3(e_inc, layer_e[:, n], layer_e[:, n - 1], prev, n)
         x = self.from_latent[3](noise.normal(v), c)
         return self._voxels(x, layer_e[:, n])

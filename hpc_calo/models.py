@@ -17,7 +17,8 @@ flow  x (features)                                c (context)
                                                   + u')), one_hot(n - 1, 44)                             (V + 47)
 ====  ==========================================  ================================================================
 
-``u`` is fresh U[0, 5 keV) noise on every call (see :mod:`hpc_calo.preprocess`).
+``u`` is fresh U[0, w) noise on every call, w = ``noise_mev`` (the reference's 5 keV unless trained with another;
+see :mod:`hpc_calo.preprocess`).
 """
 
 from __future__ import annotations
@@ -42,11 +43,13 @@ MODEL_VERSION = 1
 
 
 def flow_meta(flow: int, geometry: Geometry, spec: FlowSpec, student: bool, preset: str,
-              energies: str = "absolute") -> dict[str, Any]:
+              energies: str = "absolute", noise_mev: float = pp.NOISE_MEV) -> dict[str, Any]:
     meta = {"kind": "flow", "flow": flow, "student": student, "dataset": geometry.name, "preset": preset,
             "spec": asdict(spec)}
     if flow == 1:  # only flow-1 models the layer energies
         meta["energies"] = energies
+    if noise_mev != pp.NOISE_MEV:  # only when set: files and checkpoints made before the choice existed still match
+        meta["noise_mev"] = noise_mev
     return meta
 
 
@@ -55,7 +58,7 @@ class FlowModel(nn.Module):
 
     def __init__(
         self, flow: int, geometry: Geometry, spec: FlowSpec, student: bool = False, preset: str = "custom",
-        energies: str = "absolute",
+        energies: str = "absolute", noise_mev: float = pp.NOISE_MEV,
     ) -> None:
         super().__init__()
         if flow not in FLOWS:
@@ -68,12 +71,18 @@ class FlowModel(nn.Module):
         if energies not in pp.ENERGY_ENCODINGS:
             raise UserError(f"flow-1 energy encoding must be one of {', '.join(pp.ENERGY_ENCODINGS)}, not {energies!r}")
         self.energies = energies
+        if not 0.0 < noise_mev < pp.E_NORM_MEV:
+            raise UserError(f"dequantisation noise width must be positive (MeV), not {noise_mev}")
+        self.noise_mev = float(noise_mev)
         self.flow = build_iaf(spec) if student else build_maf(spec)
 
     @classmethod
-    def from_preset(cls, flow: int, geometry: Geometry, preset: str, student: bool = False) -> FlowModel:
+    def from_preset(cls, flow: int, geometry: Geometry, preset: str, student: bool = False,
+                    noise_mev: float | None = None) -> FlowModel:
+        """``noise_mev`` None: the preset's noise width."""
         p = get_preset(preset)
-        return cls(flow, geometry, p.spec(flow, geometry, student), student, preset, p.energies)
+        return cls(flow, geometry, p.spec(flow, geometry, student), student, preset, p.energies,
+                   p.noise_mev if noise_mev is None else noise_mev)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -85,7 +94,7 @@ class FlowModel(nn.Module):
 
     def meta(self) -> dict[str, Any]:
         """What identifies this model; a checkpoint with different meta must not be resumed into it."""
-        return flow_meta(self.k, self.geometry, self.spec, self.student, self.preset, self.energies)
+        return flow_meta(self.k, self.geometry, self.spec, self.student, self.preset, self.energies, self.noise_mev)
 
     # ---- preprocessing -------------------------------------------------------------------------------------
 
@@ -99,19 +108,20 @@ class FlowModel(nn.Module):
             t = batch[key].to(dev)
             return t if not t.is_floating_point() else t.to(dt)
 
+        w = self.noise_mev
         raw_e_inc = get("e_inc").reshape(-1, 1)
         e_inc = pp.encode_e_inc(raw_e_inc)
         if self.k == 1:
-            x = pp.encode_flow1(pp.add_noise(get("layer_e"), generator), raw_e_inc, self.energies)
+            x = pp.encode_flow1(pp.add_noise(get("layer_e"), generator, w), raw_e_inc, self.energies)
             return x, e_inc
         if self.k == 2:
-            x = pp.encode_shape(get("layer"), generator)
-            e0 = pp.encode_layer_energy(pp.add_noise(get("e0"), generator)).reshape(-1, 1) / pp.FLOW2_E_SCALE
+            x = pp.encode_shape(get("layer"), generator, width=w)
+            e0 = pp.encode_layer_energy(pp.add_noise(get("e0"), generator, w)).reshape(-1, 1) / pp.FLOW2_E_SCALE
             return x, torch.cat([e_inc, e0], dim=1)
-        x = pp.encode_shape(get("cur"), generator)
-        e_cur = pp.encode_layer_energy(pp.add_noise(get("e_cur"), generator)).reshape(-1, 1)
-        e_prev = pp.encode_layer_energy(pp.add_noise(get("e_prev"), generator)).reshape(-1, 1)
-        prev = pp.encode_shape(get("prev"), generator)
+        x = pp.encode_shape(get("cur"), generator, width=w)
+        e_cur = pp.encode_layer_energy(pp.add_noise(get("e_cur"), generator, w)).reshape(-1, 1)
+        e_prev = pp.encode_layer_energy(pp.add_noise(get("e_prev"), generator, w)).reshape(-1, 1)
+        prev = pp.encode_shape(get("prev"), generator, width=w)
         return x, torch.cat([e_inc, e_cur, e_prev, prev, pp.one_hot_layer(get("n"), dt)], dim=1)
 
     @staticmethod
@@ -194,7 +204,7 @@ def load_flow_model(
     if flow is not None and obj["flow"] != flow:
         raise UserError(f"{path}: model is flow-{obj['flow']}, not flow-{flow}")
     model = FlowModel(obj["flow"], get_geometry(obj["dataset"]), FlowSpec(**obj["spec"]), obj["student"], obj["preset"],
-                      obj.get("energies", "absolute"))
+                      obj.get("energies", "absolute"), obj.get("noise_mev", pp.NOISE_MEV))
     try:
         model.load_state_dict(obj["state_dict"])
     except RuntimeError as err:

@@ -6,7 +6,7 @@ inverse next to it so that training (forward) and generation (inverse) cannot dr
 ==========================  =============================================  =========================================
 transform                   forward                                        inverse
 ==========================  =============================================  =========================================
-dequantisation noise        x + u,  u ~ U[0, 5 keV) fresh every call       none needed (noise is below threshold)
+dequantisation noise        x + u,  u ~ U[0, w) fresh every call           none needed (noise is below threshold)
 layer normalisation         I = layer / sum(layer)   (empty: uniform 1/V)  layer = I * E_layer
 logit                       y = logit(a + (1 - 2a) x),  a = 1e-6           x = clip((sigmoid(y) - a)/(1 - 2a), 0, 1)
 incident energy             c = log10(E_inc / MeV) - 4.5                   E_inc = 10^(c + 4.5) MeV
@@ -15,6 +15,7 @@ flow-1 "fractions"          logit(E_tot / 2 E_inc), logit(E_i / sum_j>=i)  produ
 layer index (flow-3)        one_hot(n - 1, 44)                             argmax + 1
 ==========================  =============================================  =========================================
 
+The noise width w is the reference's 5 keV unless a model is trained with another (``FlowModel.noise_mev``).
 Flow-2 divides its layer-energy condition by 4, as the reference does. Noise is drawn from ``generator`` when
 given, else from torch's global RNG, so that a training run that restores the RNG state resumes exactly.
 """
@@ -122,10 +123,11 @@ def layer_index(onehot: torch.Tensor) -> torch.Tensor:
     return onehot.argmax(dim=-1) + 1
 
 
-def encode_shape(layer: torch.Tensor, generator: torch.Generator | None = None, noise: bool = True) -> torch.Tensor:
+def encode_shape(layer: torch.Tensor, generator: torch.Generator | None = None, noise: bool = True,
+                 width: float = NOISE_MEV) -> torch.Tensor:
     """Raw layer (B, V) MeV -> noise -> normalise -> logit: what flows 2 and 3 model (and flow-3 is given)."""
     if noise:
-        layer = add_noise(layer, generator)
+        layer = add_noise(layer, generator, width)
     return logit(normalise(layer)[0])
 
 

@@ -114,6 +114,23 @@ def test_bf16_precision_stays_close_to_float32(run_dir: Path, tmp_path: Path) ->
     assert np.median(rel) < 0.05, rel
 
 
+def test_flow3_is_conditioned_with_its_own_noise_width(run_dir: Path, tmp_path: Path) -> None:
+    """The generated layer n-1 gets the noise flow-3 was trained with before it conditions layer n."""
+    e = np.geomspace(1e3, 1e6, 4)
+    run = tmp_path / "run"
+    for k in (1, 2, 3):
+        copy_flow(run_dir, run, k)
+    rundir.write_run(run, rundir.read_run(run_dir))
+    teachers = Chain.load(run_dir, students=False).sample(e, seed=3)
+    assert np.array_equal(teachers, Chain.load(run, students=False).sample(e, seed=3))
+    narrow = micro(3)
+    narrow.noise_mev = 5e-4
+    save(narrow, run, 3)
+    other = Chain.load(run, students=False).sample(e, seed=3)
+    assert np.array_equal(other[:, :DS2.voxels_per_layer], teachers[:, :DS2.voxels_per_layer])  # layer 0: flow-2
+    assert not np.array_equal(other, teachers)
+
+
 def test_students_are_used_where_present(run_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     for k in (1, 2, 3):

@@ -105,3 +105,25 @@ def test_model_file_errors(tmp_path: Path) -> None:
     torch.save({"something": 1}, tmp_path / "foreign.pt")
     with pytest.raises(UserError, match="not an hpc-calo flow model"):
         load_flow_model(tmp_path / "foreign.pt")
+
+
+def test_noise_width_is_the_models_own_and_kept_in_its_file(tmp_path: Path) -> None:
+    """What ``--noise-kev`` sets: the width of the noise on the zero voxels the flow sees, in the file, and absent
+    from the file at the default (files made before the choice existed still match their checkpoints)."""
+    v = DS2.voxels_per_layer
+    layer = torch.zeros(64, v)
+    layer[:, 0] = 1.0  # one 1 MeV voxel; the other 143 are zero and carry only the noise
+    batch = {"e_inc": torch.full((64,), 5e4), "e0": layer.sum(1), "layer": layer}
+    for width in (5e-3, 5e-4):
+        model = FlowModel.from_preset(2, DS2, "tiny", noise_mev=width)
+        x, _ = model.inputs(batch, torch.Generator().manual_seed(0))
+        shape = (torch.sigmoid(x.double()) - 1e-6) / (1 - 2e-6)
+        noise = shape[:, 1:] / shape[:, :1]  # back to MeV: voxel 0 holds 1 MeV (plus noise below 0.5 %)
+        assert noise.max() < 1.01 * width and noise.max() > 0.9 * width, (width, noise.max())
+        path = tmp_path / f"{width}.pt"
+        model.save(path)
+        back = load_flow_model(path)
+        assert back.noise_mev == width and back.meta() == model.meta()
+        assert ("noise_mev" in model.meta()) == (width != 5e-3)
+    with pytest.raises(UserError, match="noise width must be positive"):
+        FlowModel.from_preset(2, DS2, "tiny", noise_mev=0.0)

@@ -136,6 +136,23 @@ def test_cli_trains_and_refuses_bad_input(store: Path, tmp_path: Path, capsys: p
     refused(["--flow", "2", "--preset", "tiny", *base], "corrupt")
 
 
+def test_noise_width_flag_reaches_the_model_file_resume_and_student(store: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from hpc_calo.distill.__main__ import main as distill_main
+
+    run = tmp_path / "run"
+    base = ["--flow", "2", "--preset", "tiny", "--store", str(store), "--out", str(run), "--steps", "2",
+            "--threads", "1", "--noise-kev", "0.5"]
+    assert _cli(base, capsys)[0] == 0
+    assert load_flow_model(rundir.weights(run, 2)).noise_mev == 5e-4
+    code, err = _cli([*base[:-1], "5", "--steps", "3"], capsys)  # resuming with another noise: another model
+    assert code == 2 and "noise_mev=0.0005" in err, err
+    assert _cli([*base[:-2], "--steps", "3"], capsys)[0] == 2  # the default width is another one too
+    assert distill_main(["--run", str(run), "--flow", "2", "--steps", "1", "--diagnostic-samples", "0",
+                         "--threads", "1"]) == 0
+    assert load_flow_model(rundir.weights(run, 2, student=True)).noise_mev == 5e-4  # the teacher's
+
+
 def test_step_budget_and_extending_a_finished_run(store: Path, tmp_path: Path) -> None:
     """A steps budget ends mid-epoch; re-running with a larger budget continues the same run instead of refusing."""
     def run(**budget: float) -> dict:

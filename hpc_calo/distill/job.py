@@ -62,7 +62,8 @@ class DistillJob(Job):
         dtype = self.cfg.torch_dtype
         teacher = load_flow_model(self.teacher_path, "cpu", dtype, dataset=self.geometry.name, flow=self.flow)
         torch.manual_seed(self.cfg.seed)  # the same initial student on every rank
-        student = FlowModel.from_preset(self.flow, self.geometry, self.preset, student=True).to(dtype)
+        # The student sees what its teacher saw: the same dequantisation noise.
+        student = FlowModel.from_preset(self.flow, self.geometry, self.preset, True, teacher.noise_mev).to(dtype)
         return DistillModel(teacher, student, self.pdd)
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from hpc_calo.errors import UserError
 from hpc_calo.flows.build import FlowSpec
 from hpc_calo.geometry import N_LAYERS, Geometry
+from hpc_calo.preprocess import NOISE_MEV
 
 FLOWS = (1, 2, 3)
 
@@ -39,6 +40,7 @@ class Preset:
     # Optimiser-step budgets that replace the epochs of some flows ("flow3", "flow3_student", ...): for budgets
     # shorter than one epoch of flow-3, which sees ~44 pairs per shower.
     steps: dict[str, int] = field(default_factory=dict)
+    noise_mev: float = NOISE_MEV  # dequantisation noise width of every flow (hpc_calo.preprocess)
 
     def default_epochs(self, flow: int, student: bool = False) -> int:
         return (self.student_epochs or self.epochs)[flow] if student else self.epochs[flow]

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hpc_calo.errors import run_cli
+from hpc_calo.flags import positive_float
 from hpc_calo.flows.presets import PRESETS
 from hpc_calo.train.args import add_training_arguments, ray_config, training_options
 from hpc_calo.train.job import TrainRequest, train
@@ -31,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", required=True, choices=sorted(PRESETS),
                    help="architecture and training defaults (ds2/ds3: the reference sizes, their dataset only)")
     p.add_argument("--out", type=Path, required=True, help="run folder shared by the three flows (RUN_DIR)")
+    p.add_argument("--noise-kev", type=positive_float("--noise-kev"), default=None,
+                   help="width of the uniform dequantisation noise added to every voxel and layer energy, keV "
+                        "(default: the preset's, the reference's 5 keV); kept in the model file, used again at "
+                        "generation; the students take their teacher's")
     add_training_arguments(p)
     return p
 
@@ -38,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_request(argv: Sequence[str] | None = None) -> TrainRequest:
     args = build_parser().parse_args(argv)
     return TrainRequest(flow=args.flow, store=args.store, preset=args.preset, out=args.out,
-                        options=training_options(args), ray=ray_config(args))
+                        options=training_options(args), ray=ray_config(args), noise_kev=args.noise_kev)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -70,10 +70,13 @@ class TrainRequest:
     out: Path
     options: TrainingOptions = field(default_factory=TrainingOptions)
     ray: RayConfig | None = None
+    noise_kev: float | None = None  # dequantisation noise width; None: the preset's
 
     def __post_init__(self) -> None:
         if self.flow not in (1, 2, 3):
             raise UserError(f"--flow must be 1, 2 or 3, not {self.flow}")
+        if self.noise_kev is not None and not 0.0 < self.noise_kev <= 1000.0:
+            raise UserError(f"--noise-kev must be in (0, 1000], not {self.noise_kev}")
 
 
 KINDS = {1: "energies", 2: "layer0", 3: "pairs"}
@@ -101,6 +104,7 @@ class Job:
     student: bool = False
     energy_range: tuple[float, float] = (1e3, 1e6)
     extra: dict[str, Any] = field(default_factory=dict)
+    noise_mev: float | None = None  # None: the preset's
 
     @property
     def out_dir(self) -> Path:
@@ -109,13 +113,14 @@ class Job:
     def make_model(self) -> FlowModel:
         """The same initial weights on every rank (seeded), in the configured dtype (not yet on the device)."""
         torch.manual_seed(self.cfg.seed)
-        model = FlowModel.from_preset(self.flow, self.geometry, self.preset, self.student)
+        model = FlowModel.from_preset(self.flow, self.geometry, self.preset, self.student, self.noise_mev)
         return model.to(self.cfg.torch_dtype)
 
     def model_meta(self) -> dict[str, Any]:
         preset = get_preset(self.preset)
         spec = preset.spec(self.flow, self.geometry, self.student)
-        return flow_meta(self.flow, self.geometry, spec, self.student, self.preset, preset.energies)
+        noise = preset.noise_mev if self.noise_mev is None else self.noise_mev
+        return flow_meta(self.flow, self.geometry, spec, self.student, self.preset, preset.energies, noise)
 
     def make_loaders(
         self, rank: int = 0, world_size: int = 1, memory_gb: float | None = None, pin: bool | None = None
@@ -216,7 +221,8 @@ def build_job(req: TrainRequest) -> Job:
     preset.spec(req.flow, geometry)  # raises for a preset bound to another dataset
     cfg = train_config(req.options, preset, req.flow, f"flow-{req.flow}")
     return Job(req.flow, req.preset, Path(req.store), geometry, Path(req.out), cfg, req.options.memory_gb,
-               energy_range=store.energy_range())
+               energy_range=store.energy_range(),
+               noise_mev=None if req.noise_kev is None else req.noise_kev * 1e-3)
 
 
 def run_local(job: Job) -> dict[str, Any]:
