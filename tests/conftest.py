@@ -16,6 +16,9 @@ from data_prep.synth import write_synthetic
 # started by `ray start` in one test and a client in another then disagree. The tests run throwaway local
 # clusters on the loopback interface: no authentication, unless the environment asks for it.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray Train starts a preemption watcher actor (one more Python process) per run, for clusters whose nodes can
+# be reclaimed; the tests' throwaway clusters have none, and on two cores the process costs ~2.5 s a run.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 @pytest.fixture

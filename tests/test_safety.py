@@ -42,6 +42,15 @@ def run(module: str, *args: object, timeout: float = 300, cwd: Path = REPO,
                           timeout=timeout, cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
 
 
+def runs(*calls: tuple[object, ...]) -> list[subprocess.CompletedProcess[str]]:
+    """``run(*call)`` for each call, two at a time (most of each is interpreter and import start-up, one core's
+    work); the results in the calls' order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(lambda call: run(*call), calls))
+
+
 def one_line(r: subprocess.CompletedProcess[str], *fragments: str, after_progress: bool = False) -> str:
     """Exit 2, no traceback, exactly one stderr line ``error: ...`` holding every fragment (``after_progress``:
     the last line, after the progress bars of a command that has no switch to silence them)."""
@@ -119,15 +128,13 @@ def test_generate_and_evaluate_never_replace_what_is_not_theirs(run_copy: Path, 
 
 def test_an_output_that_is_an_input_is_refused_before_any_work(run_copy: Path, ref: Path, tmp_path: Path) -> None:
     before = ref.read_bytes()
-    for module, args in (
-        ("hpc_calo.generate", ["--run", run_copy, "--energies", ref, "--out", ref]),
-        ("hpc_calo.sample", ["--run", run_copy, "--showers", "10", "--energies", ref, "--out", ref]),
-        ("hpc_calo.evaluate", [ref, ref, "--dataset", "ds2", "--out", ref]),
-        ("data_prep.convert", ["--dataset", "ds2", ref, "--out", ref]),
-    ):
-        t0 = time.perf_counter()
-        one_line(run(module, *args), "is also an input of this command")
-        assert time.perf_counter() - t0 < 60
+    t0 = time.perf_counter()
+    for r in runs(("hpc_calo.generate", "--run", run_copy, "--energies", ref, "--out", ref),
+                  ("hpc_calo.sample", "--run", run_copy, "--showers", "10", "--energies", ref, "--out", ref),
+                  ("hpc_calo.evaluate", ref, ref, "--dataset", "ds2", "--out", ref),
+                  ("data_prep.convert", "--dataset", "ds2", ref, "--out", ref)):
+        one_line(r, "is also an input of this command")
+    assert time.perf_counter() - t0 < 60  # all four together: refused before any work
     # A report directory holding one of the inputs would delete it when replaced.
     holder = tmp_path / "holder"
     holder.mkdir()
@@ -299,16 +306,19 @@ def test_every_reader_applies_the_io_check_rules(run_copy: Path, tmp_path: Path)
 def test_one_line_for_odd_arguments(tmp_path: Path, run_copy: Path, ref: Path) -> None:
     one_line(run("hpc_calo.evaluate", ref, ref, "--dataset", "ds2", "--out", ".", cwd=tmp_path),
              f"{tmp_path}: exists and is not an hpc-calo report directory")
-    one_line(run("hpc_calo.train", "--flow", "1", "--store", run_copy.parent / "store.zarr", "--preset", "tiny",
-                 "--out", tmp_path / "r", "--lr", "nan"), "--lr must be a number > 0, not 'nan'")
-    one_line(run("hpc_calo.train", "--flow", "1", "--store", "s", "--preset", "tiny", "--out", "r",
-                 "--batch-size", "0"), "--batch-size must be an integer >= 1, not '0'")
     d = tmp_path / "adir.h5"
     d.mkdir()
-    message = "adir.h5: is a directory, not a CaloChallenge HDF5 file"
-    one_line(run("hpc_calo.io", "check", d), message)
-    one_line(run("hpc_calo.evaluate", d, ref, "--dataset", "ds2", "--out", tmp_path / "rep"), message)
-    one_line(run("data_prep.convert", "--dataset", "ds2", d, "--out", tmp_path / "s.zarr"), message)
+    lr, batch, *directory = runs(
+        ("hpc_calo.train", "--flow", "1", "--store", run_copy.parent / "store.zarr", "--preset", "tiny", "--out",
+         tmp_path / "r", "--lr", "nan"),
+        ("hpc_calo.train", "--flow", "1", "--store", "s", "--preset", "tiny", "--out", "r", "--batch-size", "0"),
+        ("hpc_calo.io", "check", d),
+        ("hpc_calo.evaluate", d, ref, "--dataset", "ds2", "--out", tmp_path / "rep"),
+        ("data_prep.convert", "--dataset", "ds2", d, "--out", tmp_path / "s.zarr"))
+    one_line(lr, "--lr must be a number > 0, not 'nan'")
+    one_line(batch, "--batch-size must be an integer >= 1, not '0'")
+    for r in directory:
+        one_line(r, "adir.h5: is a directory, not a CaloChallenge HDF5 file")
 
 
 # ---- 8: every flag is validated or reaches its code ------------------------------------------------------------
@@ -437,18 +447,19 @@ def test_ctrl_c_ends_a_rank_waiting_in_mpi_init() -> None:
 
 
 def test_requests_that_cannot_fit_are_refused_up_front(run_copy: Path, tmp_path: Path) -> None:
-    one_line(run("hpc_calo.sample", "--run", run_copy, "--showers", 10**12, "--out", tmp_path / "o.h5"),
-             "--showers must be an integer >= 1 and <= 1e+09")
-    one_line(run("hpc_calo.generate", "--run", run_copy, "--showers", 10**12, "--out", tmp_path / "o.h5"),
-             "--showers must be an integer >= 1 and <= 1e+09")
     free_mb = shutil.disk_usage(tmp_path).free / 1e6
-    for module, extra in (("hpc_calo.sample", []), ("hpc_calo.generate", [])):
-        t0 = time.perf_counter()
-        line = one_line(run(module, "--run", run_copy, "--showers", 10**9, "--out", tmp_path / "o.h5", *extra),
-                        f"no space left on {tmp_path}", "(needed ~")
-        assert time.perf_counter() - t0 < 60 and free_mb < float(line.split("~")[1].split()[0].replace(",", ""))
-    one_line(run("hpc_calo.sample", "--run", run_copy, "--showers", 2_000_000, "--shard-size", "1", "--out",
-                 tmp_path / "o.h5"), "more than the 1000000 a request may have")
+    t0 = time.perf_counter()
+    results = runs(*[(module, "--run", run_copy, "--showers", n, "--out", tmp_path / "o.h5")
+                     for n in (10**12, 10**9) for module in ("hpc_calo.sample", "hpc_calo.generate")],
+                   ("hpc_calo.sample", "--run", run_copy, "--showers", 2_000_000, "--shard-size", "1", "--out",
+                    tmp_path / "o.h5"))
+    assert time.perf_counter() - t0 < 60  # all five together: refused up front
+    for r in results[:2]:
+        one_line(r, "--showers must be an integer >= 1 and <= 1e+09")
+    for r in results[2:4]:
+        line = one_line(r, f"no space left on {tmp_path}", "(needed ~")
+        assert free_mb < float(line.split("~")[1].split()[0].replace(",", ""))
+    one_line(results[4], "more than the 1000000 a request may have")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -527,12 +538,12 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_output(run_copy: Path, sy
 def test_a_read_only_output_directory_is_one_line(run_copy: Path, ref: Path, tmp_path: Path) -> None:
     with mounted_tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
         store = run_copy.parent / "store.zarr"
-        message = "read-only file system"
-        one_line(run("data_prep.convert", "--dataset", "ds2", ref, "--out", ro / "s.zarr"), message)
-        one_line(run("hpc_calo.train", "--flow", "1", "--store", store, "--preset", "tiny", "--out", ro / "r"), message)
-        one_line(run("hpc_calo.evaluate", ref, ref, "--dataset", "ds2", "--out", ro / "rep"), message)
-        one_line(run("hpc_calo.generate", "--run", run_copy, "--showers", "5", "--out", ro / "g.h5"), message)
-        one_line(run("hpc_calo.sample", "--run", run_copy, "--showers", "5", "--out", ro / "g.h5"), message)
+        for r in runs(("data_prep.convert", "--dataset", "ds2", ref, "--out", ro / "s.zarr"),
+                      ("hpc_calo.train", "--flow", "1", "--store", store, "--preset", "tiny", "--out", ro / "r"),
+                      ("hpc_calo.evaluate", ref, ref, "--dataset", "ds2", "--out", ro / "rep"),
+                      ("hpc_calo.generate", "--run", run_copy, "--showers", "5", "--out", ro / "g.h5"),
+                      ("hpc_calo.sample", "--run", run_copy, "--showers", "5", "--out", ro / "g.h5")):
+            one_line(r, "read-only file system")
 
 
 # ---- 17: strings that reach sbatch scripts ---------------------------------------------------------------------
