@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -71,6 +72,14 @@ def test_cli_writes_a_valid_file_with_the_reference_energies(
         showers = g["showers"][:]
     assert showers.min() >= 0 and np.all((showers == 0) | (showers >= THRESHOLD_MEV))
     assert (showers > 0).any()
+    # The layer renormalisation choice is recorded in the output (the reference's: without).
+    for flag, value in (("--renormalise", True), ("--no-renormalise", False)):
+        with pytest.raises(SystemExit) as done:
+            run_cli(generate_main, ["--run", str(run_dir), "--showers", "2", "--out", str(tmp_path / f"{flag}.h5"),
+                                    "--seed", "3", "--no-progress", flag])
+        assert done.value.code == 0
+        with h5py.File(tmp_path / f"{flag}.h5") as g:
+            assert bool(g.attrs["renormalise"]) is value
 
 
 def test_sampling_is_deterministic_and_independent_of_batch_size(run_dir: Path) -> None:
@@ -118,17 +127,15 @@ def test_flow3_is_conditioned_with_its_own_noise_width(run_dir: Path, tmp_path: 
     """The generated layer n-1 gets the noise flow-3 was trained with before it conditions layer n."""
     e = np.geomspace(1e3, 1e6, 4)
     run = tmp_path / "run"
-    for k in (1, 2, 3):
-        copy_flow(run_dir, run, k)
-    rundir.write_run(run, rundir.read_run(run_dir))
-    teachers = Chain.load(run_dir, students=False).sample(e, seed=3)
-    assert np.array_equal(teachers, Chain.load(run, students=False).sample(e, seed=3))
-    narrow = micro(3)
+    shutil.copytree(run_dir, run)
+    students = Chain.load(run_dir).sample(e, seed=3)  # one-pass students: fast
+    assert np.array_equal(students, Chain.load(run).sample(e, seed=3))
+    narrow = micro(3, student=True)
     narrow.noise_mev = 5e-4
-    save(narrow, run, 3)
-    other = Chain.load(run, students=False).sample(e, seed=3)
-    assert np.array_equal(other[:, :DS2.voxels_per_layer], teachers[:, :DS2.voxels_per_layer])  # layer 0: flow-2
-    assert not np.array_equal(other, teachers)
+    save(narrow, run, 3, student=True)
+    other = Chain.load(run).sample(e, seed=3)
+    assert np.array_equal(other[:, :DS2.voxels_per_layer], students[:, :DS2.voxels_per_layer])  # layer 0: flow-2
+    assert not np.array_equal(other, students)
 
 
 def test_students_are_used_where_present(run_dir: Path, tmp_path: Path) -> None:

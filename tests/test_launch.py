@@ -297,17 +297,31 @@ def _ray_head(env: dict[str, str]) -> tuple[str, int, str]:
     ray = str(Path(PY).parent / "ray")
     port, dash, client, agent = _free_port(), _free_port(), _free_port(), _free_port()
     temp = f"/tmp/rj{port}"  # one per head: a second head in the same folder meets the first one's leftovers
-    subprocess.run([ray, "start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=2",
-                    f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
-                    f"--temp-dir={temp}", "--disable-usage-stats"],
-                   check=True, env=env, capture_output=True)
+    # In a session of its own: every process the head starts stays in its process group, which _stop_head ends.
+    head = subprocess.Popen([ray, "start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=2",
+                             f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+                             f"--temp-dir={temp}", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    out, _ = head.communicate()
+    assert head.returncode == 0, out[-3000:]
+    _HEAD_GROUPS[temp] = head.pid
     return ray, dash, temp
 
 
+_HEAD_GROUPS: dict[str, int] = {}  # temp dir of a head -> the process group of everything it started
+
+
 def _stop_head(temp: str) -> None:
-    """Stop the head started with ``temp``, and only it (``ray stop`` would stop every Ray on the machine);
-    its workers exit with their raylet."""
-    pids = [int(p) for p in subprocess.run(["pgrep", "-f", temp], capture_output=True, text=True).stdout.split()]
+    """Stop the head started with ``temp`` and every process it started, and only those (``ray stop`` would stop
+    every Ray on the machine). Some of them (the dashboard agent, the client server) do not name ``temp`` on
+    their command line: they are found by process group and parentage; left running, they would take CPU from
+    every later test."""
+    group = _HEAD_GROUPS.pop(temp, None)
+    roots = {int(p) for p in subprocess.run(["pgrep", "-f", temp], capture_output=True, text=True).stdout.split()}
+    if group is not None:
+        roots |= {int(p) for p in subprocess.run(["pgrep", "-g", str(group)], capture_output=True,
+                                                 text=True).stdout.split()}
+    pids = sorted(roots | _descendants(roots))
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
@@ -316,6 +330,23 @@ def _stop_head(temp: str) -> None:
         while (pids := [p for p in pids if _alive(p)]) and time.monotonic() < deadline:
             time.sleep(0.1)
     shutil.rmtree(temp, ignore_errors=True)
+
+
+def _descendants(roots: set[int]) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = set(), list(roots)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
 
 
 def _alive(pid: int) -> bool:
