@@ -24,6 +24,7 @@ from hpc_calo.flows.presets import Preset, get_preset
 from hpc_calo.geometry import Geometry
 from hpc_calo.models import FlowModel, flow_meta
 from hpc_calo.outputs import refuse_inputs, writable_parent
+from hpc_calo.preprocess import NOISE_MEV
 from hpc_calo.seeding import DEFAULT_SEED
 from hpc_calo.train.checkpoint import check_meta, load_checkpoint
 from hpc_calo.train.config import TrainConfig
@@ -104,7 +105,7 @@ class Job:
     student: bool = False
     energy_range: tuple[float, float] = (1e3, 1e6)
     extra: dict[str, Any] = field(default_factory=dict)
-    noise_mev: float | None = None  # None: the preset's
+    noise_mev: float = NOISE_MEV  # dequantisation noise width of the model (resolved from request and preset)
 
     @property
     def out_dir(self) -> Path:
@@ -119,8 +120,7 @@ class Job:
     def model_meta(self) -> dict[str, Any]:
         preset = get_preset(self.preset)
         spec = preset.spec(self.flow, self.geometry, self.student)
-        noise = preset.noise_mev if self.noise_mev is None else self.noise_mev
-        return flow_meta(self.flow, self.geometry, spec, self.student, self.preset, preset.energies, noise)
+        return flow_meta(self.flow, self.geometry, spec, self.student, self.preset, preset.energies, self.noise_mev)
 
     def make_loaders(
         self, rank: int = 0, world_size: int = 1, memory_gb: float | None = None, pin: bool | None = None
@@ -222,7 +222,7 @@ def build_job(req: TrainRequest) -> Job:
     cfg = train_config(req.options, preset, req.flow, f"flow-{req.flow}")
     return Job(req.flow, req.preset, Path(req.store), geometry, Path(req.out), cfg, req.options.memory_gb,
                energy_range=store.energy_range(),
-               noise_mev=None if req.noise_kev is None else req.noise_kev * 1e-3)
+               noise_mev=preset.noise_mev if req.noise_kev is None else req.noise_kev * 1e-3)
 
 
 def run_local(job: Job) -> dict[str, Any]:
