@@ -314,14 +314,10 @@ _HEAD_GROUPS: dict[str, int] = {}  # temp dir of a head -> the process group of 
 def _stop_head(temp: str) -> None:
     """Stop the head started with ``temp`` and every process it started, and only those (``ray stop`` would stop
     every Ray on the machine). Some of them (the dashboard agent, the client server) do not name ``temp`` on
-    their command line: they are found by process group and parentage; left running, they would take CPU from
-    every later test."""
-    group = _HEAD_GROUPS.pop(temp, None)
-    roots = {int(p) for p in subprocess.run(["pgrep", "-f", temp], capture_output=True, text=True).stdout.split()}
-    if group is not None:
-        roots |= {int(p) for p in subprocess.run(["pgrep", "-g", str(group)], capture_output=True,
-                                                 text=True).stdout.split()}
-    pids = sorted(roots | _descendants(roots))
+    their command line: they are found by the head's process group; left running, they would take CPU from every
+    later test."""
+    pids = sorted({int(p) for pattern in (["-f", temp], ["-g", str(_HEAD_GROUPS.pop(temp))])
+                   for p in subprocess.run(["pgrep", *pattern], capture_output=True, text=True).stdout.split()})
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
@@ -330,23 +326,6 @@ def _stop_head(temp: str) -> None:
         while (pids := [p for p in pids if _alive(p)]) and time.monotonic() < deadline:
             time.sleep(0.1)
     shutil.rmtree(temp, ignore_errors=True)
-
-
-def _descendants(roots: set[int]) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    found, todo = set(), list(roots)
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
 
 
 def _alive(pid: int) -> bool:
