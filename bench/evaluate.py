@@ -1,9 +1,12 @@
 """Benchmark of ``python -m hpc_calo.evaluate``: wall time and peak RSS on synthetic files.
 
 python -m bench.evaluate [--quick] [--epochs N] [--out bench_evaluate.json]
+python -m bench.evaluate --figures [--ds2 2000] [--repeats 3] [--out bench_figures.json]
 
 Runs the CLI in child processes (peak RSS = the child's ru_maxrss): DS2 N vs N with every metric, and DS3 at
-two sizes with the low-level classifier to show that memory does not grow with N.
+two sizes with the low-level classifier to show that memory does not grow with N. ``--figures`` times only the
+report's figures (``--metrics hist``), drawn in one process (``--threads 1``) and in one per owned CPU,
+interleaved; it prints the medians and their ratio.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -19,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from data_prep.synth import write_synthetic
+from hpc_calo.cpus import owned_cpus
 
 
 def run_case(gen: Path, ref: Path, dataset: str, out: Path, extra: list[str]) -> dict[str, object]:
@@ -52,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ds2", type=int, default=None, help="showers per file for DS2 (default 10000; 0: skip DS2)")
     p.add_argument("--ds3", default=None, help="comma-separated DS3 sizes (default 2000,5000)")
     p.add_argument("--ds3-hidden", type=int, default=256, help="classifier width for the DS3 memory runs")
+    p.add_argument("--figures", action="store_true", help="time the figures: 1 process vs one per owned CPU")
+    p.add_argument("--repeats", type=int, default=3, help="--figures: interleaved repetitions of each")
     p.add_argument("--work", type=Path, default=Path("bench_evaluate_work"), help="scratch directory")
     p.add_argument("--out", type=Path, default=Path("bench_evaluate.json"), help="results JSON")
     a = p.parse_args(argv)
@@ -70,6 +77,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             out.append(path)
         return out[0], out[1]
 
+    if a.figures:
+        gen, ref = files("ds2", a.ds2 or 2000)
+        cpus = owned_cpus()
+        runs: dict[int, list[float]] = {1: [], cpus: []}
+        for _ in range(a.repeats):
+            for threads in runs:
+                extra = ["--metrics", "hist", "--threads", str(threads)]
+                case = run_case(gen, ref, "ds2", a.work / "rep_figures", extra)
+                runs[threads].append(case["timings"]["plots_s"])
+        medians = {n: statistics.median(t) for n, t in runs.items()}
+        results["figures"] = {"showers": a.ds2 or 2000, "plots_s": runs, "median_s": medians,
+                              "speedup": medians[1] / medians[cpus]}
+        print(json.dumps(results, indent=1), flush=True)
+        a.out.write_text(json.dumps(results, indent=1) + "\n")
+        return 0
     if n2 > 0:
         gen, ref = files("ds2", n2)
         results[f"ds2_{n2}_all_metrics_{epochs}ep"] = run_case(

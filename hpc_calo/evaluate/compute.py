@@ -9,6 +9,7 @@ import shutil
 import sys
 import time
 from datetime import UTC, datetime
+from functools import partial
 
 import h5py
 import numpy as np
@@ -102,7 +103,7 @@ def run(cfg: EvaluateRequest, geo: Geometry) -> dict[str, object]:
     """Compute every requested metric and write the report (``evaluate`` has checked the request)."""
     cls_cfg = _cls_config(cfg) if CLASSIFIERS & set(cfg.metrics) else None
     t_start = time.perf_counter()
-    torch_threads(cfg.threads)
+    workers = torch_threads(cfg.threads)
     timings: dict[str, float] = {}
     report: dict[str, object] = {}
     with CaloFile(cfg.gen, geo) as fg, CaloFile(cfg.ref, geo) as fr, atomic_path(cfg.out, REPORT_DIR) as tmp:
@@ -194,20 +195,19 @@ def run(cfg: EvaluateRequest, geo: Geometry) -> dict[str, object]:
 
         if cfg.plots:
             t = time.perf_counter()
-            figures = plots.plot_average_showers(geo, gen_mom.mean, ref_mom.mean, tmp)
-            plots.plot_profiles(geo, gen_mom.mean, ref_mom.mean, tmp / "profiles.png")
-            figures.append(tmp / "profiles.png")
+            names = ["average_shower_gen.png", "average_shower_ref.png", "average_shower_ratio.png", "profiles.png"]
+            figures = [partial(plots.plot_layer_grid, [h for h in hists if h.group == g], tmp / f"hist_{g}.png")
+                       for g in (LAYER_FEATURES if hists else ())]
+            figures += [partial(plots.plot_average_showers, geo, gen_mom.mean, ref_mom.mean, tmp),
+                        partial(plots.plot_profiles, geo, gen_mom.mean, ref_mom.mean, tmp / "profiles.png")]
             if hists:
-                for h in hists:
-                    if h.layer is None:
-                        plots.plot_single(h, tmp / f"hist_{h.group}.png")
-                        figures.append(tmp / f"hist_{h.group}.png")
-                for g in LAYER_FEATURES:
-                    plots.plot_layer_grid([h for h in hists if h.group == g], tmp / f"hist_{g}.png")
-                    figures.append(tmp / f"hist_{g}.png")
-                plots.plot_separation(hists, tmp / "separation_power.png")
-                figures.append(tmp / "separation_power.png")
-            report["figures"] = [p.name for p in figures]
+                singles = [h for h in hists if h.layer is None]
+                figures += [partial(plots.plot_single, h, tmp / f"hist_{h.group}.png") for h in singles]
+                figures.append(partial(plots.plot_separation, hists, tmp / "separation_power.png"))
+                names += [f"hist_{h.group}.png" for h in singles]
+                names += [f"hist_{g}.png" for g in LAYER_FEATURES] + ["separation_power.png"]
+            plots.draw(figures, workers)
+            report["figures"] = names
             timings["plots_s"] = time.perf_counter() - t
 
         timings["total_s"] = time.perf_counter() - t_start
