@@ -379,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per child process (default 1)")
     p.add_argument("--eval-epochs", type=int, default=None, help="DNN classifier epochs (default 50; --quick: 1)")
     p.add_argument("--noise-kev", type=float, default=None,
-                   help="the teachers' dequantisation noise width in keV (default: the preset's, 5)")
+                   help="the teachers' dequantisation noise width in keV (default: the preset's)")
     p.add_argument("--teachers-only", action="store_true",
                    help="no students: train, generate and evaluate the teacher chain only")
     p.add_argument("--renormalised-only", action="store_true",

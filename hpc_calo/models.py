@@ -17,7 +17,7 @@ flow  x (features)                                c (context)
                                                   + u')), one_hot(n - 1, 44)                             (V + 47)
 ====  ==========================================  ================================================================
 
-``u`` is fresh U[0, w) noise on every call, w = ``noise_mev`` (the reference's 5 keV unless trained with another;
+``u`` is fresh U[0, w) noise on every call, w = ``noise_mev`` (the preset's, the reference's 5 keV unless set otherwise;
 see :mod:`hpc_calo.preprocess`).
 """
 

@@ -15,7 +15,7 @@ flow-1 "fractions"          logit(E_tot / 2 E_inc), logit(E_i / sum_j>=i)  produ
 layer index (flow-3)        one_hot(n - 1, 44)                             argmax + 1
 ==========================  =============================================  =========================================
 
-The noise width w is the reference's 5 keV unless a model is trained with another (``FlowModel.noise_mev``).
+The noise width w is the reference's 5 keV unless the preset or the training asks for another (``FlowModel.noise_mev``).
 Flow-2 divides its layer-energy condition by 4, as the reference does. Noise is drawn from ``generator`` when
 given, else from torch's global RNG, so that a training run that restores the RNG state resumes exactly.
 """

@@ -39,7 +39,7 @@ _TIME = re.compile(r"\d{1,5}:\d{2}:\d{2}")
 # Training budgets and epochs may grow (a re-run extends training); resources, devices and thread counts may
 # change.
 REQUEST_FIELDS = ("dataset", "data", "reference", "synthetic", "showers", "preset", "seed", "val_fraction", "dtype",
-                  "sample_dtype")
+                  "sample_dtype", "noise_kev")
 
 
 @dataclass
@@ -114,6 +114,7 @@ class PipelineConfig:
     dtype: str = "float32"  # model precision of training and sampling: float32 or float64
     sample_dtype: str | None = None  # production precision (adds bf16); None: dtype
     amp: str = "off"  # GPU training mixed precision: off, tf32 or bf16 (never on a CPU)
+    noise_kev: float | None = None  # the teachers' dequantisation noise width; None: the preset's
     threads: int | None = None  # torch CPU threads per process; None: each command's default
     # Training processes at a time on one machine: the teachers (flows 1-3), then the two students, are
     # independent of each other, so with jobs > 1 they run side by side, each with (cores / jobs) threads.
@@ -201,6 +202,10 @@ class PipelineConfig:
             raise UserError(f"--amp must be off, tf32 or bf16, not {self.amp!r}")
         if self.amp != "off" and (self.compute_device != "cuda" or self.dtype != "float32"):
             raise UserError(f"--amp {self.amp} needs --device cuda and --dtype float32")
+        noise = self.noise_kev
+        number = isinstance(noise, int | float) and not isinstance(noise, bool)
+        if noise is not None and not (number and 0 < noise <= 1000):
+            raise UserError(f"--noise-kev must be in (0, 1000], not {noise!r}")
         if self.threads is not None and self.threads < 1:
             raise UserError(f"--threads must be positive, not {self.threads}")
         if self.eval_metrics is not None:

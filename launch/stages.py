@@ -120,7 +120,7 @@ def _teacher_steps(cfg: PipelineConfig, where: Where) -> list[Step]:
     from hpc_calo.train.job import TrainRequest, train
 
     return [Step(train, TrainRequest(flow=flow, store=cfg.path("store"), preset=cfg.preset, out=cfg.path("run"),
-                                     options=_training_options(cfg, flow),
+                                     options=_training_options(cfg, flow), noise_kev=cfg.noise_kev,
                                      ray=_ray(cfg, where) if flow == 3 else None))
             for flow in (3, 1, 2)]
 

@@ -90,6 +90,9 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "float64"), help="model precision of training and sampling")
     p.add_argument("--sample-dtype", choices=PRECISIONS, help="production precision (default: --dtype)")
     p.add_argument("--amp", choices=("off", "tf32", "bf16"), help="GPU training mixed precision (default off)")
+    p.add_argument("--noise-kev", type=float, metavar="KEV",
+                   help="width of the teachers' uniform dequantisation noise, keV (default: the preset's: 0.5 for "
+                        "small and quickstart, the reference's 5 otherwise; students inherit it)")
     p.add_argument("--threads", type=positive_int("--threads"),
                    help="torch CPU threads per process (default: each command's own)")
     p.add_argument("--jobs", type=positive_int("--jobs"), help="training processes at a time on one machine "
@@ -145,7 +148,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[PipelineConfig, dict[str
                                       "preset", "epochs", "eval_epochs", "eval_metrics", "eval_plots", "workers",
                                       "prep_ranks", "sample_backend",
                                       "sample_workers", "seed", "device", "dtype", "sample_dtype", "amp", "threads",
-                                      "jobs")
+                                      "jobs", "noise_kev")
     }
     flags["budget"] = dict(args.budget) if args.budget else None
     flags["resources"] = {k: getattr(args, k) for k in ("nodes", "gpus_per_node", "cpus_per_task", "partition",

@@ -90,6 +90,8 @@ def test_config_precedence_file_then_flags(tmp_path: Path) -> None:
         ("", {"synthetic": 500, "data": ["x.h5"]}, "exactly one of"),
         ("", {"synthetic": 500, "sample_backend": "carrier-pigeon"}, "--sample-backend"),
         ("", {"synthetic": 500, "eval_metrics": ["hist", "magic"]}, "--eval-metrics: unknown magic"),
+        ("noise_kev = 'small'\n", {"synthetic": 500}, "--noise-kev must be in"),
+        ("", {"synthetic": 500, "noise_kev": 0.0}, "--noise-kev must be in"),
         ("[resources]\ntime = '90 minutes'\n", {"synthetic": 500}, "HH:MM:SS"),
         ("[resources]\ntime = '00:02:00'\n", {"synthetic": 500}, "up to 60 s earlier"),
         ("", {"data": ["/nonexistent.h5"], "reference": "/nonexistent.h5"}, "no such file"),
@@ -376,6 +378,7 @@ USES = {
     "sample_workers": ("workers", 5, {"sample"}),
     "eval_metrics": ("metrics", ("hist", "cls-low"), {"evaluate"}),
     "eval_plots": ("plots", False, {"evaluate"}),
+    "noise_kev": ("noise_kev", 0.5, {"teacher"}),
 }
 
 

@@ -146,8 +146,9 @@ def test_noise_width_flag_reaches_the_model_file_resume_and_student(store: Path,
     assert _cli(base, capsys)[0] == 0
     assert load_flow_model(rundir.weights(run, 2)).noise_mev == 5e-4
     code, err = _cli([*base[:-1], "5", "--steps", "3"], capsys)  # resuming with another noise: another model
-    assert code == 2 and "noise_mev=0.0005" in err, err
-    assert _cli([*base[:-2], "--steps", "3"], capsys)[0] == 2  # the default width is another one too
+    assert code == 2 and "trained with 0.5 keV" in err and "asks for 5 keV" in err and "--noise-kev 0.5" in err, err
+    code, err = _cli([*base[:-2], "--steps", "3"], capsys)  # the default width (absent from the file) is another
+    assert code == 2 and "asks for 5 keV" in err, err
     assert distill_main(["--run", str(run), "--flow", "2", "--steps", "1", "--diagnostic-samples", "0",
                          "--threads", "1"]) == 0
     assert load_flow_model(rundir.weights(run, 2, student=True)).noise_mev == 5e-4  # the teacher's

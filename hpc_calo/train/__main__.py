@@ -34,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="run folder shared by the three flows (RUN_DIR)")
     p.add_argument("--noise-kev", type=positive_float("--noise-kev"), default=None,
                    help="width of the uniform dequantisation noise added to every voxel and layer energy, keV "
-                        "(default: the preset's, the reference's 5 keV); kept in the model file, used again at "
-                        "generation; the students take their teacher's")
+                        "(default: the preset's: 0.5 for small and quickstart, the reference's 5 otherwise); kept "
+                        "in the model file, used again at generation; the students take their teacher's")
     add_training_arguments(p)
     return p
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from hpc_calo.errors import UserError
+from hpc_calo.preprocess import NOISE_MEV
 from hpc_calo.torchfile import load_versioned, save_versioned
 
 CHECKPOINT_FORMAT = "hpc-calo-checkpoint"
@@ -63,6 +64,14 @@ def check_meta(path: str | os.PathLike[str], saved: dict[str, Any], current: dic
     """Refuse to resume a checkpoint of another dataset / flow / preset / architecture into this model."""
     first = ("kind", "dataset", "flow", "student", "preset")  # the most telling difference is named
     for key in sorted(set(saved) | set(current), key=lambda k: (first.index(k) if k in first else len(first), k)):
+        if saved.get(key) != current.get(key) and key == "noise_mev":
+            # Absent from the metadata means the default width (files made before the setting existed).
+            kev = {k: 1e3 * (m.get(key) or NOISE_MEV) for k, m in (("saved", saved), ("current", current))}
+            raise UserError(
+                f"{path}: checkpoint was trained with {kev['saved']:g} keV of dequantisation noise but this run "
+                f"asks for {kev['current']:g} keV; resume with --noise-kev {kev['saved']:g} or use another --out "
+                "directory"
+            )
         if saved.get(key) != current.get(key):
             raise UserError(
                 f"{path}: checkpoint has {key}={saved.get(key)!r} but this run has {key}={current.get(key)!r}; "
