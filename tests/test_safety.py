@@ -478,7 +478,11 @@ def test_train_checkpoints_when_stopped_by_a_signal(run_copy: Path, tmp_path: Pa
         if " step 3/" in line:
             break
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # what it was doing when it did not stop, for the failure's report
+        pytest.fail(f"still running 120 s after {sig.name}; its last output:\n{proc.communicate()[1][-3000:]}")
     assert proc.returncode == 128 + sig, err
     assert f"{sig.name}: checkpoint written at step" in err and "Traceback" not in err
     ck = torch.load(tmp_path / "r" / "flow1" / "checkpoint.pt", weights_only=True)
