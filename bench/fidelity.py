@@ -200,31 +200,29 @@ def _current(s: Settings, out: Path, chain: str, key: str) -> bool:
     return False
 
 
-def generate_all(s: Settings) -> dict[str, Path]:
-    """Showers of each chain for held-out A's energies, ``jobs`` at a time (a teacher chain samples one feature
-    at a time and takes far longer than a student chain); with and without renormalisation unless
-    ``--renormalised-only``."""
-    files, tasks = {}, {}
+def generate_and_evaluate(s: Settings) -> dict[str, dict[str, Any]]:
+    """Showers of each chain for held-out A's energies (with and without renormalisation unless
+    ``--renormalised-only``), then every report: the chains with every metric, the unnormalised variants with the
+    cheap ones, the floor. ``jobs`` at a time; a chain's evaluation starts as soon as its showers exist (a teacher
+    chain samples one feature at a time and takes far longer than a student chain)."""
     ref = s.path("data", "heldout_a.h5")
+    cases, tasks, after = {}, {}, {}
     for chain in s.chains:
         for renorm in (True, False) if s.unnormalised else (True,):
             key = chain + ("" if renorm else "_unnormalised")
             out = s.path("gen", f"{key}.h5")
-            files[key] = out
+            cases[key] = out
             if _current(s, out, chain, key):
                 continue
-            tasks[key] = lambda k=key, o=out, r=renorm, c=chain: _run(s, f"generate_{k}", "hpc_calo.generate", [
-                "--run", str(s.path("run")), "--energies", str(ref), "--out", str(o), "--seed", "0",
-                "--students", "yes" if c == "student" else "no", "--threads", str(s.threads), "--no-progress",
-                "--renormalise" if r else "--no-renormalise"])
-    _parallel(s, tasks, {})
-    return files
-
-
-def evaluate_all(s: Settings, files: dict[str, Path]) -> dict[str, dict[str, Any]]:
-    """Every report: the two chains with every metric, the unnormalised variants with the cheap ones, the floor."""
-    cases = {**files, "floor": s.path("data", "heldout_b.h5")}
-    _parallel(s, {key: (lambda k=key, g=gen: _evaluate(s, k, g)) for key, gen in cases.items()}, {})
+            tasks[f"generate_{key}"] = lambda k=key, o=out, r=renorm, c=chain: _run(
+                s, f"generate_{k}", "hpc_calo.generate", [
+                    "--run", str(s.path("run")), "--energies", str(ref), "--out", str(o), "--seed", "0",
+                    "--students", "yes" if c == "student" else "no", "--threads", str(s.threads), "--no-progress",
+                    "--renormalise" if r else "--no-renormalise"])
+            after[key] = f"generate_{key}"
+    cases["floor"] = s.path("data", "heldout_b.h5")
+    tasks.update({key: (lambda k=key, g=gen: _evaluate(s, k, g)) for key, gen in cases.items()})
+    _parallel(s, tasks, after)
     return {key: json.loads(s.path("reports", key, "report.json").read_text()) for key in cases}
 
 
@@ -333,8 +331,7 @@ def run(s: Settings) -> dict[str, Any]:
     t0 = time.perf_counter()
     make_data(s)
     train_all(s)
-    files = generate_all(s)
-    reports = evaluate_all(s, files)
+    reports = generate_and_evaluate(s)
     result: dict[str, Any] = {
         "command": "python -m bench.fidelity " + " ".join(sys.argv[1:]),
         "machine": machine(),
