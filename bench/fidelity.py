@@ -243,6 +243,15 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _train_seconds(flow_dir: Path) -> float:
+    """Training seconds over every invocation: the checkpoint's running total (a metrics line's ``elapsed_s``
+    counts only the invocation that wrote it, so a resumed flow would be undercounted)."""
+    from hpc_calo.train.checkpoint import load_checkpoint
+
+    ck = rundir.checkpoint_in(flow_dir)
+    return float(load_checkpoint(ck).get("train_s", 0.0)) if ck.exists() else 0.0
+
+
 def training_record(s: Settings) -> dict[str, Any]:
     """Per flow: validation-loss curve, steps and core-hours (training seconds x torch threads)."""
     rec = {}
@@ -257,7 +266,7 @@ def training_record(s: Settings) -> dict[str, Any]:
             "curve": [{"step": e["step"], "val": e["val_loss"], "train": e["train_loss"]} for e in epochs],
             "steps": epochs[-1]["step"] if epochs else 0,
             "best_val": min((e["val_loss"] for e in epochs), default=None),
-            "core_hours": sum(e.get("elapsed_s", 0) for e in epochs[-1:]) * s.threads / 3600 if epochs else 0.0,
+            "core_hours": _train_seconds(d) * s.threads / 3600,
             "batch_size": cfg["train"]["batch_size"],
             "budget": s.budget.get(name, "preset epochs"),
         }
