@@ -47,7 +47,7 @@ from bench.report import machine
 from hpc_calo import rundir
 from hpc_calo.digest import files_digest
 from hpc_calo.errors import run_cli
-from hpc_calo.flags import positive_float
+from hpc_calo.flags import noise_kev
 from launch.submit import parse_budget
 
 FLOWS = ("flow1", "flow2", "flow3", "flow2_student", "flow3_student")
@@ -386,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="processes at a time: training, generation, evaluation (default 1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per child process (default 1)")
     p.add_argument("--eval-epochs", type=int, default=None, help="DNN classifier epochs (default 50; --quick: 1)")
-    p.add_argument("--noise-kev", type=positive_float("--noise-kev"), default=None,
+    p.add_argument("--noise-kev", type=noise_kev, default=None,
                    help="the teachers' dequantisation noise width in keV (default: the preset's)")
     p.add_argument("--teachers-only", action="store_true",
                    help="no students: train, generate and evaluate the teacher chain only")

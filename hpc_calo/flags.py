@@ -27,8 +27,11 @@ def number(kind: type, flag: str, lo: float | None = None, hi: float | None = No
         ends.append(f"{'<' if hi_open else '<='} {hi:g}")
     what = noun + (" " + " and ".join(ends) if ends else "")
 
-    def parse(text: str) -> int | float:
+    def parse(text: object) -> int | float:
+        # Also a value from a configuration file or a request: a number is taken as it is, a bool never.
         try:
+            if isinstance(text, bool) or not isinstance(text, str | int | float):
+                raise ValueError
             value = kind(text)
         except ValueError:
             raise UserError(f"{flag} must be {what}, not {text!r}") from None
@@ -52,3 +55,7 @@ def non_negative_int(flag: str) -> Callable[[str], int | float]:
 
 def positive_float(flag: str) -> Callable[[str], int | float]:
     return number(float, flag, 0, lo_open=True)
+
+
+# The dequantisation noise width in keV: one rule for the flag, a launcher's configuration file and a request.
+noise_kev = number(float, "--noise-kev", 0, 1000, lo_open=True)

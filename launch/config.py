@@ -23,6 +23,7 @@ from typing import Any
 from data_prep.download import OFFICIAL, default_data_dir, download_command
 from hpc_calo.atomic import atomic_path
 from hpc_calo.errors import UserError
+from hpc_calo.flags import noise_kev
 from hpc_calo.precision import PRECISIONS
 from hpc_calo.seeding import DEFAULT_SEED
 
@@ -202,10 +203,8 @@ class PipelineConfig:
             raise UserError(f"--amp must be off, tf32 or bf16, not {self.amp!r}")
         if self.amp != "off" and (self.compute_device != "cuda" or self.dtype != "float32"):
             raise UserError(f"--amp {self.amp} needs --device cuda and --dtype float32")
-        noise = self.noise_kev
-        number = isinstance(noise, int | float) and not isinstance(noise, bool)
-        if noise is not None and not (number and 0 < noise <= 1000):
-            raise UserError(f"--noise-kev must be in (0, 1000], not {noise!r}")
+        if self.noise_kev is not None:
+            noise_kev(self.noise_kev)
         if self.threads is not None and self.threads < 1:
             raise UserError(f"--threads must be positive, not {self.threads}")
         if self.eval_metrics is not None:

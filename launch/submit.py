@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from hpc_calo.errors import UserError, run_cli
-from hpc_calo.flags import non_negative_int, positive_float, positive_int
+from hpc_calo.flags import noise_kev, non_negative_int, positive_int
 from hpc_calo.precision import PRECISIONS
 from hpc_calo.seeding import DEFAULT_SEED
 from launch import stages
@@ -90,7 +90,7 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "float64"), help="model precision of training and sampling")
     p.add_argument("--sample-dtype", choices=PRECISIONS, help="production precision (default: --dtype)")
     p.add_argument("--amp", choices=("off", "tf32", "bf16"), help="GPU training mixed precision (default off)")
-    p.add_argument("--noise-kev", type=positive_float("--noise-kev"), metavar="KEV",
+    p.add_argument("--noise-kev", type=noise_kev, metavar="KEV",
                    help="width of the teachers' uniform dequantisation noise, keV (default: the preset's: 0.5 for "
                         "small and quickstart, the reference's 5 otherwise; students inherit it)")
     p.add_argument("--threads", type=positive_int("--threads"),

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hpc_calo.errors import run_cli
-from hpc_calo.flags import positive_float
+from hpc_calo.flags import noise_kev
 from hpc_calo.flows.presets import PRESETS
 from hpc_calo.train.args import add_training_arguments, ray_config, training_options
 from hpc_calo.train.job import TrainRequest, train
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", required=True, choices=sorted(PRESETS),
                    help="architecture and training defaults (ds2/ds3: the reference sizes, their dataset only)")
     p.add_argument("--out", type=Path, required=True, help="run folder shared by the three flows (RUN_DIR)")
-    p.add_argument("--noise-kev", type=positive_float("--noise-kev"), default=None,
+    p.add_argument("--noise-kev", type=noise_kev, default=None,
                    help="width of the uniform dequantisation noise added to every voxel and layer energy, keV "
                         "(default: the preset's: 0.5 for small and quickstart, the reference's 5 otherwise); kept "
                         "in the model file, used again at generation; the students take their teacher's")

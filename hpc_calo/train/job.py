@@ -20,6 +20,7 @@ import hpc_calo
 from hpc_calo import rundir
 from hpc_calo.data.store import ShardedLoader, open_store
 from hpc_calo.errors import UserError
+from hpc_calo.flags import noise_kev
 from hpc_calo.flows.presets import Preset, get_preset
 from hpc_calo.geometry import Geometry
 from hpc_calo.models import FlowModel, flow_meta
@@ -76,8 +77,8 @@ class TrainRequest:
     def __post_init__(self) -> None:
         if self.flow not in (1, 2, 3):
             raise UserError(f"--flow must be 1, 2 or 3, not {self.flow}")
-        if self.noise_kev is not None and not 0.0 < self.noise_kev <= 1000.0:
-            raise UserError(f"--noise-kev must be in (0, 1000], not {self.noise_kev}")
+        if self.noise_kev is not None:
+            noise_kev(self.noise_kev)
 
 
 KINDS = {1: "energies", 2: "layer0", 3: "pairs"}
