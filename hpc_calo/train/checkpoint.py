@@ -60,21 +60,25 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     return load_versioned(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "training checkpoint")
 
 
+def _noise_mismatch(path: str | os.PathLike[str], saved: dict[str, Any], current: dict[str, Any]) -> str:
+    # Absent from the metadata means the default width (files made before the setting existed).
+    kev = {k: 1e3 * (m.get("noise_mev") or NOISE_MEV) for k, m in (("saved", saved), ("current", current))}
+    return (f"{path}: checkpoint was trained with {kev['saved']:g} keV of dequantisation noise but this run asks "
+            f"for {kev['current']:g} keV; resume with --noise-kev {kev['saved']:g} or use another --out directory")
+
+
+# A mismatch whose remedy is a flag: its message names the flag (the others name the key and its two values).
+_MISMATCH = {"noise_mev": _noise_mismatch}
+
+
 def check_meta(path: str | os.PathLike[str], saved: dict[str, Any], current: dict[str, Any]) -> None:
     """Refuse to resume a checkpoint of another dataset / flow / preset / architecture into this model."""
     first = ("kind", "dataset", "flow", "student", "preset")  # the most telling difference is named
     for key in sorted(set(saved) | set(current), key=lambda k: (first.index(k) if k in first else len(first), k)):
-        if saved.get(key) != current.get(key) and key == "noise_mev":
-            # Absent from the metadata means the default width (files made before the setting existed).
-            kev = {k: 1e3 * (m.get(key) or NOISE_MEV) for k, m in (("saved", saved), ("current", current))}
-            raise UserError(
-                f"{path}: checkpoint was trained with {kev['saved']:g} keV of dequantisation noise but this run "
-                f"asks for {kev['current']:g} keV; resume with --noise-kev {kev['saved']:g} or use another --out "
-                "directory"
-            )
-        if saved.get(key) != current.get(key):
-            raise UserError(
-                f"{path}: checkpoint has {key}={saved.get(key)!r} but this run has {key}={current.get(key)!r}; "
-                "use another --out directory or remove the old run"
-            )
+        if saved.get(key) == current.get(key):
+            continue
+        if key in _MISMATCH:
+            raise UserError(_MISMATCH[key](path, saved, current))
+        raise UserError(f"{path}: checkpoint has {key}={saved.get(key)!r} but this run has {key}={current.get(key)!r}; "
+                        "use another --out directory or remove the old run")
 
