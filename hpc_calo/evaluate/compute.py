@@ -195,19 +195,15 @@ def run(cfg: EvaluateRequest, geo: Geometry) -> dict[str, object]:
 
         if cfg.plots:
             t = time.perf_counter()
-            names = ["average_shower_gen.png", "average_shower_ref.png", "average_shower_ratio.png", "profiles.png"]
             figures = [partial(plots.plot_layer_grid, [h for h in hists if h.group == g], tmp / f"hist_{g}.png")
                        for g in (LAYER_FEATURES if hists else ())]
             figures += [partial(plots.plot_average_showers, geo, gen_mom.mean, ref_mom.mean, tmp),
                         partial(plots.plot_profiles, geo, gen_mom.mean, ref_mom.mean, tmp / "profiles.png")]
             if hists:
-                singles = [h for h in hists if h.layer is None]
-                figures += [partial(plots.plot_single, h, tmp / f"hist_{h.group}.png") for h in singles]
+                figures += [partial(plots.plot_single, h, tmp / f"hist_{h.group}.png")
+                            for h in hists if h.layer is None]
                 figures.append(partial(plots.plot_separation, hists, tmp / "separation_power.png"))
-                names += [f"hist_{h.group}.png" for h in singles]
-                names += [f"hist_{g}.png" for g in LAYER_FEATURES] + ["separation_power.png"]
-            plots.draw(figures, workers)
-            report["figures"] = names
+            report["figures"] = [p.name for p in plots.draw(figures, workers)]
             timings["plots_s"] = time.perf_counter() - t
 
         timings["total_s"] = time.perf_counter() - t_start

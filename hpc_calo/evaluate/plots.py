@@ -22,21 +22,19 @@ def _plt():
     return plt
 
 
-def draw(figures: Sequence[Callable[[], object]], workers: int) -> None:
+def draw(figures: Sequence[Callable[[], list[Path]]], workers: int) -> list[Path]:
     """Draw independent figures, in ``workers`` processes when more than one: matplotlib draws on one core, and
-    a report's per-layer grids alone take ~35 s of it. Heaviest first: the pool takes them in order."""
+    a report's per-layer grids alone take ~35 s of it. Heaviest first: the pool takes them in order. Returns the
+    files written, in that order."""
     if workers <= 1 or len(figures) <= 1:
-        for f in figures:
-            f()
-        return
+        return [p for f in figures for p in f()]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     # spawn: the parent holds torch's OpenMP threads, which a forked child must not inherit.
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(min(workers, len(figures)), mp_context=ctx) as pool:
-        for done in [pool.submit(f) for f in figures]:
-            done.result()
+        return [p for done in [pool.submit(f) for f in figures] for p in done.result()]
 
 
 def _unit(counts: np.ndarray, edges: np.ndarray) -> np.ndarray:
@@ -88,7 +86,7 @@ def _hist_pair(ax, rax, h: HistResult, title: str, small: bool) -> None:
     ax.set_title(f"{title}  S={h.separation_power:.3g}", fontsize=6 if small else 10)
 
 
-def plot_single(h: HistResult, path: Path) -> None:
+def plot_single(h: HistResult, path: Path) -> list[Path]:
     plt = _plt()
     fig, (ax, rax) = plt.subplots(2, 1, figsize=(6, 5), sharex=False, height_ratios=(3, 1))
     _hist_pair(ax, rax, h, GROUP_LABELS[h.group], small=False)
@@ -98,9 +96,10 @@ def plot_single(h: HistResult, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return [path]
 
 
-def plot_layer_grid(hists: Sequence[HistResult], path: Path, ncols: int = 9) -> None:
+def plot_layer_grid(hists: Sequence[HistResult], path: Path, ncols: int = 9) -> list[Path]:
     """All 45 per-layer histograms of one feature, each with its GEN/REF ratio panel."""
     plt = _plt()
     nrows = -(-len(hists) // ncols)
@@ -115,9 +114,10 @@ def plot_layer_grid(hists: Sequence[HistResult], path: Path, ncols: int = 9) -> 
     fig.suptitle(f"{GROUP_LABELS[hists[0].group]} per layer (ratio panels: GEN / REF, 0.5-1.5)")
     fig.savefig(path, dpi=80)
     plt.close(fig)
+    return [path]
 
 
-def plot_separation(hists: Sequence[HistResult], path: Path) -> None:
+def plot_separation(hists: Sequence[HistResult], path: Path) -> list[Path]:
     """Separation power versus layer for every per-layer feature."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(9, 5))
@@ -137,6 +137,7 @@ def plot_separation(hists: Sequence[HistResult], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return [path]
 
 
 def plot_average_showers(geo: Geometry, gen: np.ndarray, ref: np.ndarray, out: Path) -> list[Path]:
@@ -177,7 +178,7 @@ def plot_average_showers(geo: Geometry, gen: np.ndarray, ref: np.ndarray, out: P
     return paths
 
 
-def plot_profiles(geo: Geometry, gen: np.ndarray, ref: np.ndarray, path: Path) -> None:
+def plot_profiles(geo: Geometry, gen: np.ndarray, ref: np.ndarray, path: Path) -> list[Path]:
     """Mean longitudinal (per layer) and radial (per r bin) energy profiles with ratio panels."""
     plt = _plt()
     g, r = geo.grid(gen[None])[0], geo.grid(ref[None])[0]
@@ -204,3 +205,4 @@ def plot_profiles(geo: Geometry, gen: np.ndarray, ref: np.ndarray, path: Path) -
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return [path]
