@@ -193,6 +193,11 @@ def test_distill_cli_writes_a_student_the_chain_uses(tiny_run: Path, tmp_path: P
     quality = json.loads(rundir.diagnostics_in(rundir.flow_dir(run, 2, student=True)).read_text())
     assert quality["samples"] > 0 and 0.0 <= quality["student_vs_teacher_auc"] <= 1.0
     assert quality["teacher_loglik_teacher_samples"] is not None
+    # The same command again: the distillation is found finished and its score, of the same weights, reported
+    # from the record rather than sampled again.
+    recorded = rundir.diagnostics_in(rundir.flow_dir(run, 2, student=True)).stat().st_mtime_ns
+    assert main(["--run", str(run), "--flow", "2", "--epochs", "1", "--log-every", "1000"]) == 0
+    assert rundir.diagnostics_in(rundir.flow_dir(run, 2, student=True)).stat().st_mtime_ns == recorded
     # Re-running resumes the finished distillation (its checkpoint is a distillation's, not a bare flow's).
     assert main(["--run", str(run), "--flow", "2", "--epochs", "1", "--diagnostic-samples", "0"]) == 0
     chain = Chain.load(run, fast=False)

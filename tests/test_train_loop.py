@@ -19,6 +19,7 @@ from hpc_calo.models import FlowModel, load_flow_model
 from hpc_calo.train import TrainConfig, fit
 from hpc_calo.train.__main__ import main as train_main
 from hpc_calo.train.checkpoint import load_checkpoint
+from hpc_calo.train.loop import finished
 
 KINDS = {1: "energies", 2: "layer0", 3: "pairs"}
 
@@ -160,10 +161,18 @@ def test_step_budget_and_extending_a_finished_run(store: Path, tmp_path: Path) -
         cfg = TrainConfig(**{"epochs": 1, **budget}, batch_size=256, max_lr=3e-3, log_every=100)
         return fit(model(2), *loaders(store, 2), cfg, tmp_path)
 
+    def done(**budget: float) -> dict | None:  # what a job asks before it loads data or starts workers
+        return finished(TrainConfig(**{"epochs": 1, **budget}, batch_size=256), tmp_path)
+
+    assert done(steps=9) is None  # no checkpoint yet
     first = run(steps=9)  # 6 steps per epoch: one full epoch and a partial one
     assert first["global_step"] == 9 and first["epochs"] == 2 and not first["stopped"]
     assert len(epochs(tmp_path)) == 2
     assert run(steps=9)["global_step"] == 9  # the same budget again: already done, nothing trained
+    told = done(steps=9)
+    assert told is not None and {k: told[k] for k in ("global_step", "epochs", "best_val", "stopped")} == {
+        k: first[k] for k in ("global_step", "epochs", "best_val", "stopped")}
+    assert done(steps=15) is None  # a larger budget: work left
     extended = run(steps=15)
     assert extended["global_step"] == 15
     ck = load_checkpoint(rundir.checkpoint_in(tmp_path))

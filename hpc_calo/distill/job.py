@@ -3,6 +3,7 @@ flow 2 or 3 from its trained teacher through the same Job, loop and Ray path as 
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 
 from hpc_calo import rundir
 from hpc_calo.data.store import open_store
+from hpc_calo.digest import files_digest
 from hpc_calo.distill.pdd import DistillModel, PDDConfig
 from hpc_calo.errors import UserError
 from hpc_calo.flows.presets import get_preset
@@ -87,14 +89,21 @@ def build_job(req: DistillRequest) -> DistillJob:
 
 
 def report_quality(job: DistillJob, n: int) -> dict[str, Any]:
-    """Score the saved best student against its teacher (hpc_calo.distill.diagnose) and record it."""
+    """Score the saved best student against its teacher (hpc_calo.distill.diagnose) and record it. A record of
+    the same two weight files, rows and seed is reported again, not recomputed: sampling a teacher 10k times
+    takes minutes, and a re-run of a finished pipeline passes here."""
     from hpc_calo.distill.diagnose import diagnose
 
-    teacher = load_flow_model(job.teacher_path, dataset=job.geometry.name, flow=job.flow)
-    student = load_flow_model(rundir.weights_in(job.out_dir), dataset=job.geometry.name, flow=job.flow)
-    train, val = job.make_loaders(0, 1)
-    result = diagnose(teacher, student, val if val is not None else train, n, seed=job.cfg.seed)
-    rundir.write_json(rundir.diagnostics_in(job.out_dir), result)
+    weights = rundir.weights_in(job.out_dir)
+    of = {"weights": files_digest([job.teacher_path, weights]), "rows_asked": n, "seed": job.cfg.seed}
+    path = rundir.diagnostics_in(job.out_dir)
+    result = json.loads(path.read_text()) if path.is_file() else {}
+    if result.get("of") != of:
+        teacher = load_flow_model(job.teacher_path, dataset=job.geometry.name, flow=job.flow)
+        student = load_flow_model(weights, dataset=job.geometry.name, flow=job.flow)
+        train, val = job.make_loaders(0, 1)
+        result = {**diagnose(teacher, student, val if val is not None else train, n, seed=job.cfg.seed), "of": of}
+        rundir.write_json(path, result)
 
     def f(key: str) -> str:
         return "n/a" if result[key] is None else f"{result[key]:.2f}"

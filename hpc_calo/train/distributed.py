@@ -44,7 +44,7 @@ from hpc_calo import rundir
 from hpc_calo.errors import UserError
 from hpc_calo.ray_session import ray_session
 from hpc_calo.train.config import TrainConfig
-from hpc_calo.train.loop import fit
+from hpc_calo.train.loop import finished, fit
 
 # Share of --memory-gb-per-worker given to the data loaders; the rest is for the interpreter, torch, the
 # model, the optimiser and the activations.
@@ -235,6 +235,9 @@ def run_ray(job: TrainJob, ray_cfg: RayConfig) -> dict[str, Any]:
     if cfg.device == "cuda" and not ray_cfg.use_gpu:
         raise UserError("--device cuda under Ray needs --gpus-per-worker > 0 (Ray assigns the GPUs)")
     job.prepare()
+    done = finished(cfg, job.out_dir)
+    if done is not None:
+        return {**done, "workers": ray_cfg.workers, "run_name": run_name(job, ray_cfg), "ray_path": None}
     storage = rundir.ray_dir(job.out_dir.parent).resolve()
     need_cpus = ray_cfg.workers * ray_cfg.cpus_per_worker
     with ray_session(ray_cfg.address, num_cpus=max(1, int(-(-need_cpus // 1)))) as local:

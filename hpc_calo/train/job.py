@@ -30,7 +30,7 @@ from hpc_calo.seeding import DEFAULT_SEED
 from hpc_calo.train.checkpoint import check_meta, load_checkpoint
 from hpc_calo.train.config import TrainConfig
 from hpc_calo.train.distributed import RayConfig, run_ray
-from hpc_calo.train.loop import fit
+from hpc_calo.train.loop import finished, fit
 
 
 @dataclass(frozen=True)
@@ -229,6 +229,9 @@ def build_job(req: TrainRequest) -> Job:
 def run_local(job: Job) -> dict[str, Any]:
     """The single-worker path: this process is rank 0 of 1."""
     job.prepare()
+    done = finished(job.cfg, job.out_dir)
+    if done is not None:
+        return done
     train, val = job.make_loaders(0, 1)
     print(f"[{job.cfg.name}] {job.describe()}: {len(train)} steps/epoch, budget {job.cfg.budget()}, "
           f"batch {job.cfg.batch_size}, loader {train.mode} on {job.cfg.device} -> {job.out_dir}", file=sys.stderr)

@@ -223,6 +223,28 @@ def _hms(s: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+def _budget(cfg: TrainConfig) -> dict[str, Any]:
+    return {"epochs": cfg.epochs, "steps": cfg.steps, "minutes": cfg.minutes}
+
+
+def finished(cfg: TrainConfig, out_dir: Path) -> dict[str, Any] | None:
+    """The summary ``fit`` would return for a run whose checkpoint already holds its whole budget (and says so
+    on stderr), else None. The caller has checked that the checkpoint is this model's (``Job.prepare`` does).
+
+    Asked before any data is loaded or worker started: re-running a finished pipeline must not preload a store,
+    nor wait on a cluster for a worker group (its GPUs), only to find nothing left to do."""
+    path = rundir.checkpoint_in(out_dir)
+    if not path.exists():
+        return None
+    ck = load_checkpoint(path)
+    if ck.get("budget") != _budget(cfg) or not ck.get("timed", True) or ck["global_step"] < ck["total_steps"]:
+        return None
+    print(f"[{cfg.name}] already trained to its budget ({cfg.budget()}, step {ck['global_step']}): nothing to do",
+          file=sys.stderr)
+    return {"best_val": ck["best_val"], "last_val": ck.get("last_val", math.nan), "global_step": ck["global_step"],
+            "epochs": ck["epoch"], "stopped": False, "skipped_steps": 0, "train_s": 0.0}
+
+
 @_STOP.watch
 def fit(
     model: nn.Module,
@@ -274,7 +296,7 @@ def _fit(model: nn.Module, train_loader: Any, val_loader: Any, cfg: TrainConfig,
     steps_per_epoch = len(train_loader)
     if steps_per_epoch < 1:
         raise UserError(f"{cfg.name}: the training set gives no batch of {cfg.batch_size} (too few examples)")
-    budget = {"epochs": cfg.epochs, "steps": cfg.steps, "minutes": cfg.minutes}
+    budget = _budget(cfg)
     # A time budget is turned into steps once the speed is known; until then a provisional, long schedule runs.
     total_steps = TIMING_STEPS * 100 if cfg.minutes else (cfg.steps or cfg.epochs * steps_per_epoch)
     timed = cfg.minutes is None
