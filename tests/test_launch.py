@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 
 from hpc_calo import rundir
@@ -160,18 +162,24 @@ def test_the_bare_slurm_command_takes_the_official_files_and_the_site_resources(
         f"download with: python -m data_prep.download --dataset ds3 --out {empty}"]
 
 
-@pytest.mark.integration
-def test_local_pipeline_end_to_end(tmp_path: Path) -> None:
-    out = tmp_path / "local"
-    # Two jobs: the teachers, then the students, train side by side in their own processes.
-    r = submit("--cluster", "local", *tiny(tmp_path), "--out", str(out), "--jobs", "2")
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The whole pipeline through ``--cluster local``; two jobs: the teachers, then the students, train side by
+    side in their own processes (the quickstart's way)."""
+    out = tmp_path_factory.mktemp("pipeline") / "local"
+    r = submit("--cluster", "local", *tiny(out.parent), "--out", str(out), "--jobs", "2")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert_pipeline_outputs(out)
+    return out
+
+
+@pytest.mark.integration
+def test_local_pipeline_end_to_end(local_run: Path) -> None:
+    assert_pipeline_outputs(local_run)
     # Re-running the same command finds everything done and changes nothing.
-    before = (out / "production.h5").stat().st_mtime_ns
-    r = submit("--cluster", "local", *tiny(tmp_path), "--out", str(out), "--stage", "sample")
+    before = (local_run / "production.h5").stat().st_mtime_ns
+    r = submit("--cluster", "local", *tiny(local_run.parent), "--out", str(local_run), "--stage", "sample")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert (out / "production.h5").stat().st_mtime_ns == before
+    assert (local_run / "production.h5").stat().st_mtime_ns == before
 
 
 # --- SLURM ---------------------------------------------------------------------------------------------
@@ -257,9 +265,9 @@ def test_slurm_training_requeues_on_the_checkpoint_signal_and_resumes(slurm: Non
     common = ["--dataset", "ds2", "--synthetic", "400", "--showers", "200", "--preset", "tiny", "--out", str(out)]
     r = submit("--cluster", "local", *common, "--stage", "prep", "--prep-ranks", "1")
     assert r.returncode == 0, r.stderr[-3000:]
-    # Flow-3 trains first: enough epochs left after its second starts for the signal to land mid-training (an
-    # epoch is ~60 steps); flows 1 and 2 then take one step each.
-    r = submit("--cluster", "slurm", *common, "--stage", "teacher", "--budget", "flow3=epochs:6", "--budget",
+    # Flow-3 trains first: enough steps left when its second epoch is logged (step 100 of 248; an epoch is 62
+    # steps) for the signal to land mid-training; flows 1 and 2 then take one step each.
+    r = submit("--cluster", "slurm", *common, "--stage", "teacher", "--budget", "flow3=epochs:4", "--budget",
                "flow1=steps:1", "--budget", "flow2=steps:1", "--time", "00:10:00", "--no-wait")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     job = _job_ids(r.stdout)["teacher"]
@@ -350,16 +358,28 @@ def _submit(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[
 
 
 @pytest.mark.integration
-def test_ray_job_submit_against_local_head(tmp_path: Path) -> None:
+def test_ray_job_submit_against_local_head(local_run: Path) -> None:
+    """The pipeline's command under ``ray job submit``, in the run folder of the local pipeline with its
+    production and report removed: the trained flows are found done without starting a Ray Train worker group,
+    and Ray actors make the production again, bit for bit the local pool's. (Ray Train on an existing cluster:
+    test_distributed and test_multinode.)"""
+    with h5py.File(local_run / "production.h5", "r") as f:
+        local_showers = f["showers"][:]
+    (local_run / "production.h5").unlink()
+    shutil.rmtree(local_run / "report")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     ray, dash, temp = _ray_head(env)
     try:
-        out = tmp_path / "rayjob"
         r = _submit([ray, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--",
-                     PY, "-m", "launch.ray_job", *tiny(tmp_path), "--out", str(out)], env)
+                     PY, "-m", "launch.ray_job", *tiny(local_run.parent), "--out", str(local_run)], env)
         assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
         assert "succeeded" in r.stdout.lower()
-        assert_pipeline_outputs(out)
+        for name in ("flow-3", "flow-3-student"):
+            assert f"[{name}] already trained to its budget" in r.stdout, r.stdout[-4000:]
+        assert "RayTrainWorker" not in r.stdout and "backend='ray'" in r.stdout
+        assert_pipeline_outputs(local_run)
+        with h5py.File(local_run / "production.h5", "r") as f:
+            np.testing.assert_array_equal(f["showers"][:], local_showers)
     finally:
         _stop_head(temp)
 
