@@ -514,9 +514,9 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_output(run_copy: Path, sy
                                                               tmp_path: Path) -> None:
     with mounted_tmpfs(tmp_path / "full", "size=20m") as full:
         # Found up front: the estimate does not fit.
-        for module, n in (("hpc_calo.sample", 2000), ("hpc_calo.generate", 4000)):
-            one_line(run(module, "--run", run_copy, "--showers", n, "--out", full / "o.h5", "--no-progress"),
-                     f"no space left on {full} (needed ~", "MB free)")
+        for r in runs(*((module, "--run", run_copy, "--showers", n, "--out", full / "o.h5", "--no-progress")
+                        for module, n in (("hpc_calo.sample", 2000), ("hpc_calo.generate", 4000)))):
+            one_line(r, f"no space left on {full} (needed ~", "MB free)")
         assert list(full.iterdir()) == []
         # Found while writing (the estimate passed, the bytes did not fit): no segfault, nothing left.
         script = ("import numpy as np\nfrom hpc_calo.errors import run_cli\nfrom hpc_calo.io import CaloWriter\n"
