@@ -253,7 +253,8 @@ def _train_seconds(flow_dir: Path) -> float:
 
 
 def training_record(s: Settings) -> dict[str, Any]:
-    """Per flow: validation-loss curve, steps and core-hours (training seconds x torch threads)."""
+    """Per flow: validation-loss curve, steps and core-hours (training seconds x torch threads); per student, its
+    quality against its teacher."""
     rec = {}
     for name in FLOWS:
         d = rundir.flow_dir(s.path("run"), int(name[4]), name.endswith("_student"))
@@ -270,6 +271,9 @@ def training_record(s: Settings) -> dict[str, Any]:
             "batch_size": cfg["train"]["batch_size"],
             "budget": s.budget.get(name, "preset epochs"),
         }
+        quality = rundir.diagnostics_in(d)  # a student's score against its teacher (hpc_calo.distill)
+        if quality.is_file():
+            rec[name]["quality"] = {k: v for k, v in json.loads(quality.read_text()).items() if k != "of"}
     return rec
 
 

@@ -27,6 +27,8 @@ def test_quick_fidelity_run_resumes_and_reports(tmp_path: Path) -> None:
     assert set(result["training"]) == set(FLOWS)
     for rec in result["training"].values():
         assert rec["steps"] > 0 and rec["curve"] and rec["core_hours"] > 0
+    for name in ("flow2_student", "flow3_student"):
+        assert 0.0 <= result["training"][name]["quality"]["student_vs_teacher_auc"] <= 1.0
     chains = result["chains"]
     assert set(chains) == {"teacher", "student", "floor"}
     for key in ("teacher", "student", "floor"):
