@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import emit, machine
-from bench.scaling import overhead, scaling
+from bench.scaling import BACKENDS, overhead, scaling
 
 PY = sys.executable
 BIN = Path(PY).parent
@@ -171,21 +171,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=32, help="--overhead: actors and ranks (default 32)")
     p.add_argument("--shards", type=int, nargs="+", default=None,
                    help="--overhead: shard counts (default 100 1000 10000; --quick 100 1000)")
-    p.add_argument("--reps", type=int, default=5, help="--writer: repetitions of every case (default 5)")
+    p.add_argument("--reps", type=int, default=None, help="repetitions of every case, medians reported (--writer: "
+                   "default 5; --scaling: default 1, interleaved 1 and 2 workers)")
+    p.add_argument("--backends", default=",".join(BACKENDS), help="--scaling: comma-separated subset of "
+                   f"{','.join(BACKENDS)} (default all)")
     p.add_argument("--note", default="", help="--writer: a note for the JSON (what else ran on the machine)")
     p.add_argument("--run", type=Path, help="run directory to benchmark (default: build the tiny test run)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (one worker per GPU)")
     p.add_argument("--out", type=Path, help="also write the JSON here")
     args = p.parse_args(argv)
     if args.scaling:
-        scaling(args.quick, args.showers, args.out)
+        backends = tuple(b for b in args.backends.split(",") if b)
+        if not backends or set(backends) - set(BACKENDS):
+            p.error(f"--backends: a comma-separated subset of {','.join(BACKENDS)}, not {args.backends!r}")
+        if args.reps is not None and args.reps < 1:
+            p.error("--reps must be >= 1")
+        scaling(args.quick, args.showers, args.out, backends, args.reps or 1)
         return 0
     if args.overhead:
         overhead(args.quick, args.workers, args.shards or ([100, 1000] if args.quick else [100, 1000, 10000]), args.out)
         return 0
     if args.writer:
         with tempfile.TemporaryDirectory(prefix="bench-writer-") as tmp:
-            report = bench_writer(500 if args.quick else 4000, 2 if args.quick else args.reps, Path(tmp))
+            report = bench_writer(500 if args.quick else 4000, 2 if args.quick else args.reps or 5, Path(tmp))
         emit({**report, "note": args.note}, args.out, indent=1)
         return 0
     n, shard = (60, 10) if args.quick else (400, 25)

@@ -6,7 +6,8 @@ the reference DS2 architecture with random weights (``--quick``: the ``tiny`` ar
 smoke run). Per case: the whole command's wall time, the generation time and showers/s (every worker holding its
 chain -> last part), the speed-up over 1 worker, and the fixed costs apart: process start (interpreter, imports,
 exit: the wall time the sampler does not account for), model load, plan, workers' start (with their own model
-load; Ray: with ``ray.init``) and gather (the write of the output).
+load; Ray: with ``ray.init``) and gather (the write of the output). ``--reps R`` interleaves R repetitions of
+every case and reports medians; ``--backends`` runs a subset.
 
 ``python -m bench.production --overhead [--quick] [--workers W] [--shards S ...]``: the per-shard cost of the
 coordination. W = 32 Ray actors and then 32 MPI ranks (oversubscribed on a small box) generate 10^2, 10^3 and
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -101,19 +103,42 @@ def run_case(run: Path, out: Path, backend: str, workers: int, showers: int, sha
     }
 
 
-def scaling(quick: bool, showers: int | None, out: Path | None) -> dict[str, Any]:
+def _median_case(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every timing is the median over the repetitions; the repetitions' own figures are kept beside it."""
+    ok = [r for r in runs if "error" not in r]
+    if len(ok) < len(runs):
+        return next(r for r in runs if "error" in r)
+
+    def med(values: list[float]) -> float:
+        return round(statistics.median(values), 2)
+
+    case = {**ok[0], "wall_s": med([r["wall_s"] for r in ok]), "generate_s": med([r["generate_s"] for r in ok]),
+            "fixed_s": {k: med([r["fixed_s"][k] for r in ok]) for k in ok[0]["fixed_s"]}}
+    case["showers_per_s"] = med([r["showers_per_s"] for r in ok])
+    if len(ok) > 1:
+        case["repetitions"] = [{"wall_s": r["wall_s"], "generate_s": r["generate_s"]} for r in ok]
+    return case
+
+
+def scaling(quick: bool, showers: int | None, out: Path | None, backends: tuple[str, ...] = BACKENDS,
+            reps: int = 1) -> dict[str, Any]:
+    """1 vs 2 workers per backend; with ``reps`` > 1 the cases are interleaved (1, 2, 1, 2, ...) so that a drift
+    of the machine's speed falls on both, and each timing is the median over the repetitions."""
     preset = "tiny" if quick else "ds2"
     n = showers or (160 if quick else 6400)
     shard = max(1, n // 8)  # 8 equal shards: 4 per worker with 2 workers
     load_before = os.getloadavg()
-    cases: dict[str, dict[str, dict[str, Any]]] = {b: {} for b in BACKENDS}  # str keys: as in the JSON
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {b: {"1": [], "2": []} for b in backends}
     with tempfile.TemporaryDirectory(prefix="bench-scaling-") as tmp:
         root = Path(tmp)
         run = build_run(root, preset)
-        for backend in BACKENDS:
-            for w in (1, 2):
-                cases[backend][str(w)] = run_case(run, root / f"{backend}{w}.h5", backend, w, n, shard)
-                print(backend, w, cases[backend][str(w)], file=sys.stderr)
+        for rep in range(reps):
+            for backend in backends:
+                for w in (1, 2):
+                    case = run_case(run, root / f"{backend}{w}.h5", backend, w, n, shard)
+                    runs[backend][str(w)].append(case)
+                    print(f"rep {rep + 1}/{reps}", backend, w, case, file=sys.stderr)
+    cases = {b: {w: _median_case(rs) for w, rs in by_w.items()} for b, by_w in runs.items()}  # str keys: as in JSON
     for by_w in cases.values():
         one = by_w["1"]
         for c in by_w.values():
@@ -123,7 +148,8 @@ def scaling(quick: bool, showers: int | None, out: Path | None) -> dict[str, Any
     report = {
         "bench": "production --scaling", "quick": quick, "dataset": "ds2", "showers": n, "shard_size": shard,
         "model": f"{preset} architecture, random weights (flow-1 teacher, flow-2/3 students)",
-        "threads_per_worker": 1, "compression": "none", "cases": cases, "goal_speedup_2_vs_1": 1.8,
+        "threads_per_worker": 1, "compression": "none", "repetitions": reps, "cases": cases,
+        "goal_speedup_2_vs_1": 1.8,
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()], "machine": machine(),
     }

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.scaling import overhead, scaling
+from bench.scaling import _median_case, overhead, scaling
 from hpc_calo.geometry import DS2
 from hpc_calo.sample.parts import PartsDir
 from hpc_calo.sample.plan import Request, ShardSet, make_plan
@@ -48,6 +48,19 @@ def test_shard_set_of_a_resumed_request() -> None:
     assert todo.showers(plan.shards) == 5 * 10 + 5
     assert ShardSet.where(done[:9]).showers(plan.shards) == 40  # without the short last shard
     assert list(ShardSet.where(np.zeros(3, bool))) == [] and not ShardSet.where(np.zeros(3, bool))
+
+
+def test_scaling_reports_the_median_of_interleaved_repetitions() -> None:
+    def rep(wall: float, gen: float) -> dict:
+        return {"wall_s": wall, "generate_s": gen, "showers_per_s": 100 / gen, "shards": 8,
+                "torch_threads_per_worker": 1, "fixed_s": {"process_start": wall - gen, "gather_write": 0.1}}
+
+    case = _median_case([rep(10, 8), rep(30, 20), rep(12, 9)])
+    assert (case["wall_s"], case["generate_s"], case["showers_per_s"]) == (12, 9, 11.11)
+    assert case["fixed_s"] == {"process_start": 3, "gather_write": 0.1}  # 2, 10, 3
+    assert [r["generate_s"] for r in case["repetitions"]] == [8, 20, 9]
+    assert _median_case([rep(10, 8), {"error": "boom"}]) == {"error": "boom"}
+    assert "repetitions" not in _median_case([rep(10, 8)])
 
 
 @pytest.mark.integration
