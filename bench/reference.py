@@ -290,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (a.ref_dir / "run.py").is_file():
         p.error(f"--ref-dir {a.ref_dir}: no run.py there (a checkout of claudius-krause/inductive-caloflow)")
     cells = plan(a.modes.split(","), a.quick, str(a.ref_dir.resolve()), a.cpu)
-    if "chain" in a.modes and len(os.sched_getaffinity(0)) < 2:
+    if any(c.mode == "chain" for c in cells) and not any(c.threads == 2 for c in cells):
         print("the 2-thread cell is left out: this process owns one CPU", file=sys.stderr)
     t0 = time.perf_counter()
     rows = []

@@ -105,18 +105,16 @@ def run_case(run: Path, out: Path, backend: str, workers: int, showers: int, sha
 
 def _median_case(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Every timing is the median over the repetitions; the repetitions' own figures are kept beside it."""
-    ok = [r for r in runs if "error" not in r]
-    if len(ok) < len(runs):
-        return next(r for r in runs if "error" in r)
+    if failed := [r for r in runs if "error" in r]:
+        return failed[0]
 
-    def med(values: list[float]) -> float:
-        return round(statistics.median(values), 2)
+    def med(key: str) -> float:
+        return round(statistics.median(r[key] for r in runs), 2)
 
-    case = {**ok[0], "wall_s": med([r["wall_s"] for r in ok]), "generate_s": med([r["generate_s"] for r in ok]),
-            "fixed_s": {k: med([r["fixed_s"][k] for r in ok]) for k in ok[0]["fixed_s"]}}
-    case["showers_per_s"] = med([r["showers_per_s"] for r in ok])
-    if len(ok) > 1:
-        case["repetitions"] = [{"wall_s": r["wall_s"], "generate_s": r["generate_s"]} for r in ok]
+    case = {**runs[0], "wall_s": med("wall_s"), "generate_s": med("generate_s"), "showers_per_s": med("showers_per_s"),
+            "fixed_s": {k: round(statistics.median(r["fixed_s"][k] for r in runs), 2) for k in runs[0]["fixed_s"]}}
+    if len(runs) > 1:
+        case["repetitions"] = [{"wall_s": r["wall_s"], "generate_s": r["generate_s"]} for r in runs]
     return case
 
 
