@@ -9,7 +9,8 @@ repetition run back to back, reference and ours interleaved, so that load on a s
 
 - ``chain``: ms per shower of the student chain (flow-1, flow-2 student, 44 x flow-3 student): the reference's
   own ``generate_flow_1/2/3`` in float64, as shipped; hpc-calo's ``Chain`` with its fast samplers in float32,
-  in bf16 (``--dtype bf16``: bf16 GEMMs, float32 splines), and in float32 with 2 threads. DS2 at batch 1000,
+  in bf16 (``--dtype bf16``: bf16 GEMMs, float32 splines), and in float32 on 2 threads (two batches side by
+  side, one thread each: ``hpc_calo.cpus.batch_lanes``, as every hpc-calo command runs them). DS2 at batch 1000,
   DS3 at batch 100 (the reference's DS3 chain takes ~0.5 s per shower). The 2-thread cell runs only where the
   process owns two CPUs (under ``taskset -c 1`` it is left out).
 - ``train``: flow-3 teacher training steps per second at the DS2 reference size (8 MADE blocks, 2 x 256 hidden,
@@ -131,17 +132,20 @@ def _our_chain(cell: Cell) -> float:
     import torch
 
     from bench.sample import _energies, build_chain
+    from hpc_calo.cpus import batch_lanes
     from hpc_calo.precision import resolve
 
     dtype, mm = resolve(cell.dtype)
     chain = build_chain(cell.dataset, student=True, dtype=dtype, device="cpu").use_fast_samplers(matmul_dtype=mm)
-    e = _energies(cell.batch, 1)
+    lanes, per_lane = batch_lanes(cell.threads, cell.threads)  # one batch of cell.batch showers per thread
+    torch.set_num_threads(per_lane)
+    e = _energies(cell.batch * lanes, 1)
     chain.sample(e[:10], seed=0, batch_size=cell.batch)  # warm-up
     t = time.perf_counter()
-    out = chain.sample(e, seed=0, batch_size=cell.batch)
+    out = chain.sample(e, seed=0, batch_size=cell.batch, lanes=lanes)
     dt = time.perf_counter() - t
-    assert out.shape[0] == cell.batch and torch.isfinite(torch.from_numpy(out)).all()
-    return dt * 1e3 / cell.batch
+    assert out.shape[0] == len(e) and torch.isfinite(torch.from_numpy(out)).all()
+    return dt * 1e3 / len(e)
 
 
 def _median_step(step: Any, steps: int) -> float:

@@ -14,10 +14,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import h5py
 import numpy as np
@@ -27,7 +30,7 @@ from tqdm import tqdm
 from hpc_calo import preprocess as pp
 from hpc_calo import rundir
 from hpc_calo.background import write_behind
-from hpc_calo.cpus import torch_threads
+from hpc_calo.cpus import batch_lanes, torch_threads
 from hpc_calo.errors import UserError, run_cli
 from hpc_calo.flags import non_negative_int, number, positive_int
 from hpc_calo.flows import fast_sampler
@@ -39,6 +42,8 @@ from hpc_calo.models import FlowModel, load_flow_model
 from hpc_calo.outputs import CALO_FILE, claim, require_space
 from hpc_calo.precision import PRECISION_HELP, PRECISIONS, add_renormalise_argument, resolve
 from hpc_calo.seeding import DEFAULT_SEED, ROW_BLOCK, log_uniform_energies, row_block_seed
+
+T = TypeVar("T")
 
 
 class _RowNoise:
@@ -177,32 +182,58 @@ class Chain:
             layers.append(layer)
         return torch.cat(layers, dim=1)
 
-    def sample_iter(self, e_inc: np.ndarray, seed: int, batch_size: int = 1000,
-                    start: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+    def sample_iter(self, e_inc: np.ndarray, seed: int, batch_size: int = 1000, start: int = 0,
+                    lanes: int = 1) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (first row, showers (b, 45 V) float32 MeV) batch by batch (bounded memory).
 
-        ``start`` is the output row of ``e_inc[0]``: a shard starting there gets the rows a single pass gives."""
+        ``start`` is the output row of ``e_inc[0]``: a shard starting there gets the rows a single pass gives.
+        ``lanes`` batches are generated at a time, each in its own thread with torch's current thread count
+        (``hpc_calo.cpus.batch_lanes``); a batch's bits do not depend on the lane that made it."""
         e = np.asarray(e_inc, dtype=np.float64).reshape(-1)
         if batch_size < 1:
             raise UserError(f"batch size must be positive, not {batch_size}")
         if len(e) and (not np.all(np.isfinite(e)) or e.min() <= 0):
             raise UserError("incident energies must be finite and positive (MeV)")
-        for a in range(0, len(e), batch_size):
+
+        def batch(a: int) -> tuple[int, np.ndarray]:
             b = min(a + batch_size, len(e))
             noise = _RowNoise(seed, start + a, start + b, self.device, self.dtype)
             t = torch.as_tensor(e[a:b], device=self.device, dtype=self.dtype)
-            yield a, self._sample_rows(t, noise).to("cpu", torch.float32).numpy()
+            return a, self._sample_rows(t, noise).to("cpu", torch.float32).numpy()
 
-    def sample(self, e_inc: np.ndarray, seed: int, batch_size: int = 1000) -> np.ndarray:
+        yield from _in_lanes(batch, range(0, len(e), batch_size), lanes)
+
+    def sample(self, e_inc: np.ndarray, seed: int, batch_size: int = 1000, lanes: int = 1) -> np.ndarray:
         """Showers (n, 45 V) float32 MeV for incident energies ``e_inc`` (n,) MeV; deterministic (module doc)."""
         out = np.empty((len(np.asarray(e_inc).reshape(-1)), self.geometry.n_voxels), dtype=np.float32)
-        for a, s in self.sample_iter(e_inc, seed, batch_size):
+        for a, s in self.sample_iter(e_inc, seed, batch_size, lanes=lanes):
             out[a : a + len(s)] = s
         return out
 
     def random_energies(self, n: int, seed: int) -> np.ndarray:
         """Log-uniform incident energies over the trained range (MeV), rows 0..n-1 of the seeding rule."""
         return log_uniform_energies(seed, 0, n, *self.energy_range)
+
+
+def _in_lanes(fn: Callable[[int], T], items: Iterable[int], lanes: int) -> Iterator[T]:
+    """``map(fn, items)`` with up to ``lanes`` calls running at a time in threads, results in order.
+
+    At most ``lanes`` results are held, so memory follows ``lanes``, not the number of items. OpenMP's thread
+    count is a per-thread setting: every lane starts with the caller's."""
+    if lanes <= 1:
+        yield from map(fn, items)
+        return
+    pool = ThreadPoolExecutor(lanes, thread_name_prefix="lane", initializer=torch.set_num_threads,
+                              initargs=(torch.get_num_threads(),))
+    try:
+        todo = iter(items)
+        running = deque(pool.submit(fn, x) for x in islice(todo, lanes))
+        while running:
+            result = running.popleft().result()
+            running.extend(pool.submit(fn, x) for x in islice(todo, 1))  # keep every lane busy meanwhile
+            yield result
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 class _Graphed:
@@ -264,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--students", choices=("auto", "yes", "no"), default="auto",
                    help="flows 2/3: students where trained (auto), required (yes) or teachers (no)")
     p.add_argument("--threads", type=non_negative_int("--threads"), default=0,
-                   help="torch CPU threads, 0: the CPUs this process owns")
+                   help="CPU threads, 0: the CPUs this process owns; on the CPU each runs its own batch (torch "
+                        "threads within a batch only where there are fewer batches than threads)")
     add_renormalise_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -284,7 +316,7 @@ class GenerateRequest:
     dtype: str = "float32"
     students: bool | None = None  # None: students where trained
     renormalise: bool = True  # each generated layer sums exactly to flow-1's layer energy
-    threads: int = 0  # torch CPU threads; 0: the CPUs this process owns
+    threads: int = 0  # CPU threads; 0: the CPUs this process owns (split as hpc_calo.cpus.batch_lanes)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -307,7 +339,7 @@ def generate(req: GenerateRequest) -> int:
     claim(req.out, CALO_FILE, inputs=[req.run, req.energies])
     if req.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {req.device}: no CUDA device is available")
-    torch_threads(req.threads)
+    threads = torch_threads(req.threads)
     dtype, matmul_dtype = resolve(req.dtype)
     chain = Chain.load(req.run, req.device, dtype, req.students, matmul_dtype=matmul_dtype,
                        renormalise=req.renormalise)
@@ -320,6 +352,10 @@ def generate(req: GenerateRequest) -> int:
     require_space((Path(req.out).absolute().parent, output_bytes(chain.geometry, n)))
     if req.energies is None:
         e_inc = chain.random_energies(n, req.seed)
+    lanes = 1
+    if chain.device.type == "cpu":
+        lanes, per_lane = batch_lanes(threads, -(-n // req.batch_size))
+        torch.set_num_threads(per_lane)
     attrs = {"generator": "hpc-calo iCaloFlow", "run": str(Path(req.run).resolve()), "seed": req.seed,
              "students": str(chain.students), "renormalise": req.renormalise}
     with CaloWriter(req.out, chain.geometry, n_total=n, attrs=attrs) as w, tqdm(
@@ -332,7 +368,7 @@ def generate(req: GenerateRequest) -> int:
             bar.update(len(showers))
 
         # gzip and the disk in the writer thread while the chain generates the next batch
-        write_behind(chain.sample_iter(e_inc, req.seed, req.batch_size), write)
+        write_behind(chain.sample_iter(e_inc, req.seed, req.batch_size, lanes=lanes), write)
     return n
 
 

@@ -46,6 +46,20 @@ def test_owned_cpus_is_the_smallest_limit(cpu_limits, affinity, slurm, cpu_max, 
     assert cpus.owned_cpus() == owned
 
 
+@pytest.mark.parametrize(
+    ("threads", "batches", "split"),
+    [
+        (2, 10, (2, 1)),  # a batch per thread
+        (2, 1, (1, 2)),  # one batch: both threads inside it
+        (8, 2, (2, 4)),
+        (4, 3, (3, 1)),  # a leftover thread stays idle rather than unbalance the lanes
+        (1, 5, (1, 1)),
+    ],
+)
+def test_batch_lanes_prefer_whole_batches_per_thread(threads, batches, split):
+    assert cpus.batch_lanes(threads, batches) == split
+
+
 def test_torch_threads_follow_the_owned_cpus_unless_given(cpu_limits):
     import torch
 

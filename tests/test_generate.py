@@ -97,6 +97,23 @@ def test_sampling_is_deterministic_and_independent_of_batch_size(run_dir: Path) 
     np.testing.assert_allclose(chain.sample(e[:2], seed=5, batch_size=2), a[:2], rtol=1e-4, atol=1e-4)
 
 
+def test_batches_side_by_side_give_the_same_bits_in_order(run_dir: Path, tmp_path: Path) -> None:
+    chain = Chain.load(run_dir)
+    e = np.geomspace(1e3, 1e6, 7)
+    one = chain.sample(e, seed=5, batch_size=3)  # batches of 3, 3 and 1 rows
+    for lanes in (2, 4):  # fewer lanes than batches, and more
+        assert np.array_equal(chain.sample(e, seed=5, batch_size=3, lanes=lanes), one)
+    # the command on 2 CPUs runs its 3 batches on 2 lanes: the file holds the one-thread showers
+    out = tmp_path / "lanes.h5"
+    with pytest.raises(SystemExit) as done:
+        run_cli(generate_main, ["--run", str(run_dir), "--showers", "7", "--out", str(out), "--batch-size", "3",
+                                "--seed", "5", "--threads", "2", "--no-progress"])
+    assert done.value.code == 0
+    with h5py.File(out) as g:
+        e_file, showers = g["incident_energies"][:, 0], g["showers"][:]
+    assert np.array_equal(showers, chain.sample(e_file, seed=5, batch_size=3))
+
+
 @pytest.mark.parametrize("students", [True, False])
 def test_fast_samplers_give_the_plain_nflows_showers(run_dir: Path, students: bool) -> None:
     e = np.geomspace(1e3, 1e6, 5)

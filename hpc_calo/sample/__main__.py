@@ -82,8 +82,9 @@ def parser() -> argparse.ArgumentParser:
         "--threads",
         type=positive_int("--threads"),
         default=1,
-        help="torch CPU threads per worker (default 1: one worker per core); part of the request, because "
-        "results differ in the last bits with another thread count. Ray gives each actor this many CPUs",
+        help="CPU threads per worker (default 1: one worker per core), each running its own batch, or torch "
+        "threads within a batch where a shard has fewer batches; part of the request, because results differ in "
+        "the last bits with another thread count. Ray gives each actor this many CPUs",
     )
     p.add_argument("--dtype", choices=PRECISIONS, default="float32", help=PRECISION_HELP)
     p.add_argument("--teachers", action="store_true", help="sample with the teacher flows even if students exist")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from hpc_calo import rundir
-from hpc_calo.cpus import torch_threads
+from hpc_calo.cpus import batch_lanes, torch_threads
 from hpc_calo.digest import files_digest
 from hpc_calo.errors import UserError
 from hpc_calo.sample.parts import PartsDir
@@ -50,30 +50,35 @@ class Ready:
     """What a started worker reports before its first shard."""
 
     load_seconds: float  # its own chain load (0: it was handed a loaded chain)
-    torch_threads: int
+    torch_threads: int  # the CPUs it uses: batches side by side, and torch threads within (cpus.batch_lanes)
 
 
 class Worker:
     """Holds one loaded chain; ``run(i)`` generates shard ``i`` and records its part. Returns the count."""
 
     def __init__(self, plan: Plan, parts_dir: Path, chain: Any = None, device: str | None = None) -> None:
-        import torch
-
         self.plan = plan
         self.parts = PartsDir(parts_dir)
-        torch_threads(plan.request.threads)
+        self.threads = torch_threads(plan.request.threads)
         t0 = time.perf_counter()
         self.chain = chain if chain is not None else load_chain(plan.request, device)
-        self._ready = Ready(time.perf_counter() - t0 if chain is None else 0.0, torch.get_num_threads())
+        self._ready = Ready(time.perf_counter() - t0 if chain is None else 0.0, self.threads)
 
     def ready(self) -> Ready:
         return self._ready
 
     def run(self, index: int) -> int:
+        import torch
+
         shard = self.plan.shards[index]
         energies = self.plan.energies(shard)
+        req = self.plan.request
+        lanes = 1
+        if self.chain.device.type == "cpu":
+            lanes, per_lane = batch_lanes(self.threads, -(-shard.count // req.batch_size))
+            torch.set_num_threads(per_lane)
         # Batch by batch straight into the part file: worker memory follows --batch-size, not the shard size.
-        batches = (s for _, s in self.chain.sample_iter(energies, self.plan.request.seed, self.plan.request.batch_size,
-                                                        start=shard.start))
+        batches = (s for _, s in self.chain.sample_iter(energies, req.seed, req.batch_size, start=shard.start,
+                                                        lanes=lanes))
         self.parts.write(self.plan, shard, energies, batches)
         return shard.count
