@@ -243,13 +243,17 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _train_seconds(flow_dir: Path) -> float:
-    """Training seconds over every invocation: the checkpoint's running total (a metrics line's ``elapsed_s``
-    counts only the invocation that wrote it, so a resumed flow would be undercounted)."""
+def _core_seconds(flow_dir: Path, threads: int) -> float:
+    """Training core-seconds over every invocation: the checkpoint's running total (a metrics line's ``elapsed_s``
+    counts only the invocation that wrote it, and the thread count may differ between invocations). A checkpoint
+    from before the total was kept counts its seconds at ``threads``."""
     from hpc_calo.train.checkpoint import load_checkpoint
 
     ck = rundir.checkpoint_in(flow_dir)
-    return float(load_checkpoint(ck).get("train_s", 0.0)) if ck.exists() else 0.0
+    if not ck.exists():
+        return 0.0
+    state = load_checkpoint(ck)
+    return float(state.get("core_s", float(state.get("train_s", 0.0)) * threads))
 
 
 def training_record(s: Settings) -> dict[str, Any]:
@@ -267,7 +271,7 @@ def training_record(s: Settings) -> dict[str, Any]:
             "curve": [{"step": e["step"], "val": e["val_loss"], "train": e["train_loss"]} for e in epochs],
             "steps": epochs[-1]["step"] if epochs else 0,
             "best_val": min((e["val_loss"] for e in epochs), default=None),
-            "core_hours": _train_seconds(d) * s.threads / 3600,
+            "core_hours": _core_seconds(d, s.threads) / 3600,
             "batch_size": cfg["train"]["batch_size"],
             "budget": s.budget.get(name, "preset epochs"),
         }

@@ -181,6 +181,18 @@ def test_step_budget_and_extending_a_finished_run(store: Path, tmp_path: Path) -
     assert run(epochs=3)["global_step"] == 18  # a budget in another unit extends the same way
 
 
+def test_core_seconds_count_each_invocation_at_its_own_threads(store: Path, tmp_path: Path) -> None:
+    def run(steps: int, threads: int) -> dict:
+        cfg = TrainConfig(epochs=1, steps=steps, batch_size=256, max_lr=3e-3, log_every=100, num_threads=threads)
+        fit(model(2), *loaders(store, 2), cfg, tmp_path)
+        return load_checkpoint(rundir.checkpoint_in(tmp_path))
+
+    first = run(3, 1)
+    assert first["core_s"] == pytest.approx(first["train_s"], abs=1e-3)
+    second = run(6, 2)  # resumed on two threads: its seconds count twice
+    assert second["core_s"] == pytest.approx(first["core_s"] + 2 * (second["train_s"] - first["train_s"]), abs=1e-3)
+
+
 def test_minutes_budget_becomes_a_fixed_step_budget(store: Path, tmp_path: Path) -> None:
     cfg = TrainConfig(epochs=1, batch_size=256, max_lr=3e-3, log_every=100, minutes=0.05)
     result = fit(model(1), *loaders(store, 1), cfg, tmp_path)

@@ -305,6 +305,7 @@ def _fit(model: nn.Module, train_loader: Any, val_loader: Any, cfg: TrainConfig,
     sched = one_cycle(opt, cfg, total_steps, 0)
 
     epoch, step_in_epoch, global_step, best_val, last_val, trained_s = 0, 0, 0, math.inf, math.nan, 0.0
+    trained_core_s = 0.0  # seconds x torch threads x workers, over every invocation (threads may change between)
     ckpt_path = rundir.checkpoint_in(out_dir)
     if ckpt_path.exists():
         ck = load_checkpoint(ckpt_path)
@@ -319,6 +320,8 @@ def _fit(model: nn.Module, train_loader: Any, val_loader: Any, cfg: TrainConfig,
         epoch, step_in_epoch, global_step = ck["epoch"], ck["step_in_epoch"], ck["global_step"]
         best_val, last_val = ck["best_val"], ck.get("last_val", math.nan)
         trained_s = float(ck.get("train_s", 0.0))
+        # Older checkpoints hold no core-seconds: count their seconds at this invocation's threads.
+        trained_core_s = float(ck.get("core_s", trained_s * threads * world_size))
         if ck.get("budget") == budget and (ck.get("timed", True) or cfg.minutes is None):
             total_steps, timed = ck["total_steps"], True
             sched.load_state_dict(ck["scheduler"])
@@ -357,6 +360,7 @@ def _fit(model: nn.Module, train_loader: Any, val_loader: Any, cfg: TrainConfig,
                 "epoch": ep, "step_in_epoch": step, "global_step": global_step,
                 "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "budget": budget, "timed": timed,
                 "train_s": trained_s + time.perf_counter() - t_start,
+                "core_s": trained_core_s + (time.perf_counter() - t_start) * threads * world_size,
                 "best_val": best_val, "last_val": last_val, "rng": states,
             })
 
