@@ -218,8 +218,8 @@ class Chain:
 def _in_lanes(fn: Callable[[int], T], items: Iterable[int], lanes: int) -> Iterator[T]:
     """``map(fn, items)`` with up to ``lanes`` calls running at a time in threads, results in order.
 
-    At most ``lanes`` results are held, so memory follows ``lanes``, not the number of items. OpenMP's thread
-    count is a per-thread setting: every lane starts with the caller's."""
+    At most ``lanes`` calls run at a time, beside the result the caller holds, so memory follows ``lanes``, not
+    the number of items. OpenMP's thread count is a per-thread setting: every lane starts with the caller's."""
     if lanes <= 1:
         yield from map(fn, items)
         return
