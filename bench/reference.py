@@ -132,17 +132,14 @@ def _our_chain(cell: Cell) -> float:
     import torch
 
     from bench.sample import _energies, build_chain
-    from hpc_calo.cpus import batch_lanes
     from hpc_calo.precision import resolve
 
     dtype, mm = resolve(cell.dtype)
     chain = build_chain(cell.dataset, student=True, dtype=dtype, device="cpu").use_fast_samplers(matmul_dtype=mm)
-    lanes, per_lane = batch_lanes(cell.threads, cell.threads)  # one batch of cell.batch showers per thread
-    torch.set_num_threads(per_lane)
-    e = _energies(cell.batch * lanes, 1)
+    e = _energies(cell.batch * cell.threads, 1)  # one batch per thread
     chain.sample(e[:10], seed=0, batch_size=cell.batch)  # warm-up
     t = time.perf_counter()
-    out = chain.sample(e, seed=0, batch_size=cell.batch, lanes=lanes)
+    out = chain.sample(e, seed=0, batch_size=cell.batch, threads=cell.threads)
     dt = time.perf_counter() - t
     assert out.shape[0] == len(e) and torch.isfinite(torch.from_numpy(out)).all()
     return dt * 1e3 / len(e)

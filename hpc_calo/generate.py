@@ -183,12 +183,13 @@ class Chain:
         return torch.cat(layers, dim=1)
 
     def sample_iter(self, e_inc: np.ndarray, seed: int, batch_size: int = 1000, start: int = 0,
-                    lanes: int = 1) -> Iterator[tuple[int, np.ndarray]]:
+                    threads: int = 0) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (first row, showers (b, 45 V) float32 MeV) batch by batch (bounded memory).
 
         ``start`` is the output row of ``e_inc[0]``: a shard starting there gets the rows a single pass gives.
-        ``lanes`` batches are generated at a time, each in its own thread with torch's current thread count
-        (``hpc_calo.cpus.batch_lanes``); a batch's bits do not depend on the lane that made it."""
+        ``threads`` (CPU only) splits that many CPUs into batches generated side by side and torch threads within
+        each (``hpc_calo.cpus.batch_lanes``); 0: one batch at a time on torch's current threads. A batch's bits
+        do not depend on the thread that made it."""
         e = np.asarray(e_inc, dtype=np.float64).reshape(-1)
         if batch_size < 1:
             raise UserError(f"batch size must be positive, not {batch_size}")
@@ -201,12 +202,17 @@ class Chain:
             t = torch.as_tensor(e[a:b], device=self.device, dtype=self.dtype)
             return a, self._sample_rows(t, noise).to("cpu", torch.float32).numpy()
 
-        yield from _in_lanes(batch, range(0, len(e), batch_size), lanes)
+        starts = range(0, len(e), batch_size)
+        lanes = 1
+        if threads and self.device.type == "cpu":
+            lanes, per_lane = batch_lanes(threads, len(starts))
+            torch.set_num_threads(per_lane)
+        yield from _in_lanes(batch, starts, lanes)
 
-    def sample(self, e_inc: np.ndarray, seed: int, batch_size: int = 1000, lanes: int = 1) -> np.ndarray:
+    def sample(self, e_inc: np.ndarray, seed: int, batch_size: int = 1000, threads: int = 0) -> np.ndarray:
         """Showers (n, 45 V) float32 MeV for incident energies ``e_inc`` (n,) MeV; deterministic (module doc)."""
         out = np.empty((len(np.asarray(e_inc).reshape(-1)), self.geometry.n_voxels), dtype=np.float32)
-        for a, s in self.sample_iter(e_inc, seed, batch_size, lanes=lanes):
+        for a, s in self.sample_iter(e_inc, seed, batch_size, threads=threads):
             out[a : a + len(s)] = s
         return out
 
@@ -352,10 +358,6 @@ def generate(req: GenerateRequest) -> int:
     require_space((Path(req.out).absolute().parent, output_bytes(chain.geometry, n)))
     if req.energies is None:
         e_inc = chain.random_energies(n, req.seed)
-    lanes = 1
-    if chain.device.type == "cpu":
-        lanes, per_lane = batch_lanes(threads, -(-n // req.batch_size))
-        torch.set_num_threads(per_lane)
     attrs = {"generator": "hpc-calo iCaloFlow", "run": str(Path(req.run).resolve()), "seed": req.seed,
              "students": str(chain.students), "renormalise": req.renormalise}
     with CaloWriter(req.out, chain.geometry, n_total=n, attrs=attrs) as w, tqdm(
@@ -368,7 +370,7 @@ def generate(req: GenerateRequest) -> int:
             bar.update(len(showers))
 
         # gzip and the disk in the writer thread while the chain generates the next batch
-        write_behind(chain.sample_iter(e_inc, req.seed, req.batch_size, lanes=lanes), write)
+        write_behind(chain.sample_iter(e_inc, req.seed, req.batch_size, threads=threads), write)
     return n
 
 

@@ -101,8 +101,8 @@ def test_batches_side_by_side_give_the_same_bits_in_order(run_dir: Path, tmp_pat
     chain = Chain.load(run_dir)
     e = np.geomspace(1e3, 1e6, 7)
     one = chain.sample(e, seed=5, batch_size=3)  # batches of 3, 3 and 1 rows
-    for lanes in (2, 4):  # fewer lanes than batches, and more
-        assert np.array_equal(chain.sample(e, seed=5, batch_size=3, lanes=lanes), one)
+    for threads in (2, 4):  # fewer threads than batches, and more
+        assert np.array_equal(chain.sample(e, seed=5, batch_size=3, threads=threads), one)
     # the command on 2 CPUs runs its 3 batches on 2 lanes: the file holds the one-thread showers
     out = tmp_path / "lanes.h5"
     with pytest.raises(SystemExit) as done:

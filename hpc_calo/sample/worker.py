@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from hpc_calo import rundir
-from hpc_calo.cpus import batch_lanes, torch_threads
+from hpc_calo.cpus import torch_threads
 from hpc_calo.digest import files_digest
 from hpc_calo.errors import UserError
 from hpc_calo.sample.parts import PartsDir
@@ -68,17 +68,11 @@ class Worker:
         return self._ready
 
     def run(self, index: int) -> int:
-        import torch
-
         shard = self.plan.shards[index]
         energies = self.plan.energies(shard)
         req = self.plan.request
-        lanes = 1
-        if self.chain.device.type == "cpu":
-            lanes, per_lane = batch_lanes(self.threads, -(-shard.count // req.batch_size))
-            torch.set_num_threads(per_lane)
         # Batch by batch straight into the part file: worker memory follows --batch-size, not the shard size.
         batches = (s for _, s in self.chain.sample_iter(energies, req.seed, req.batch_size, start=shard.start,
-                                                        lanes=lanes))
+                                                        threads=self.threads))
         self.parts.write(self.plan, shard, energies, batches)
         return shard.count
