@@ -243,22 +243,24 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _core_seconds(flow_dir: Path, threads: int) -> float:
-    """Training core-seconds over every invocation: the checkpoint's running total (a metrics line's ``elapsed_s``
-    counts only the invocation that wrote it, and the thread count may differ between invocations). A checkpoint
-    from before the total was kept counts its seconds at ``threads``."""
+def _core_seconds(flow_dir: Path, threads: int) -> tuple[float, float]:
+    """Training core-seconds (wall x threads) and CPU seconds used, over every invocation: the checkpoint's running
+    totals (a metrics line's ``elapsed_s`` counts only the invocation that wrote it, and the thread count may
+    differ between invocations). A checkpoint from before the totals were kept counts its seconds at ``threads``;
+    one without CPU seconds reports its core-seconds for both."""
     from hpc_calo.train.checkpoint import load_checkpoint
 
     ck = rundir.checkpoint_in(flow_dir)
     if not ck.exists():
-        return 0.0
+        return 0.0, 0.0
     state = load_checkpoint(ck)
-    return float(state.get("core_s", float(state.get("train_s", 0.0)) * threads))
+    core = float(state.get("core_s", float(state.get("train_s", 0.0)) * threads))
+    return core, float(state.get("cpu_s", core))
 
 
 def training_record(s: Settings) -> dict[str, Any]:
-    """Per flow: validation-loss curve, steps and core-hours (training seconds x torch threads); per student, its
-    quality against its teacher."""
+    """Per flow: validation-loss curve, steps, core-hours (training seconds x torch threads) and the CPU-hours
+    used; per student, its quality against its teacher."""
     rec = {}
     for name in FLOWS:
         d = rundir.flow_dir(s.path("run"), int(name[4]), name.endswith("_student"))
@@ -267,11 +269,13 @@ def training_record(s: Settings) -> dict[str, Any]:
         epochs = [json.loads(x) for x in rundir.metrics_in(d).read_text().splitlines()]
         epochs = [e for e in epochs if e.get("event") == "epoch"]
         cfg = json.loads(rundir.config_in(d).read_text())
+        core_s, cpu_s = _core_seconds(d, s.threads)
         rec[name] = {
             "curve": [{"step": e["step"], "val": e["val_loss"], "train": e["train_loss"]} for e in epochs],
             "steps": epochs[-1]["step"] if epochs else 0,
             "best_val": min((e["val_loss"] for e in epochs), default=None),
-            "core_hours": _core_seconds(d, s.threads) / 3600,
+            "core_hours": core_s / 3600,
+            "cpu_hours": cpu_s / 3600,
             "batch_size": cfg["train"]["batch_size"],
             "budget": s.budget.get(name, "preset epochs"),
         }

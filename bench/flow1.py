@@ -1,16 +1,21 @@
-"""Flow-1's layer-energy encoding, measured: the reference's "absolute" against "fractions".
+"""Flow-1 alone, measured: its layer-energy encoding and its size.
 
-python -m bench.flow1 [--train 3000] [--heldout 2000] [--epochs 60] [--preset quickstart] [--out FILE]
+python -m bench.flow1 [--train 3000] [--heldout 2000] [--epochs 60 | --steps N] [--preset quickstart]
+                      [--encodings absolute fractions] [--sizes preset 256x8] [--out FILE]
 
-Trains flow-1 twice on the same synthetic DS2 store with the same architecture, schedule and budget, one per
-encoding (hpc_calo.preprocess.ENERGY_ENCODINGS), samples layer energies for the incident energies of a held-out
-file, and scores them with the official binnings: separation power of E_tot/E_inc and the mean over layers of
-the separation power of E_layer. The floor is a second held-out file against the first. One torch thread.
+Trains flow-1 once per (encoding, size) on the same synthetic DS2 store with the same schedule and budget
+(encodings: hpc_calo.preprocess.ENERGY_ENCODINGS; a size is HIDDENxBLOCKS, or "preset" for the preset's own),
+samples layer energies for the incident energies of a held-out file, and scores them with the official
+binnings: separation power of E_tot/E_inc and the mean over layers of the separation power of E_layer. The
+floor is a second held-out file against the first. One torch thread. Flow-1 alone sets every layer energy of
+a generated shower (the chain rescales each layer to it), so these scores are the chain's, up to layers that
+the shape flows leave empty.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
@@ -52,25 +57,43 @@ def scores(e_gen: np.ndarray, gen: np.ndarray, e_ref: np.ndarray, ref: np.ndarra
             "ref_mean_etot_einc": float(ratio_ref.mean()), "ref_std_etot_einc": float(ratio_ref.std())}
 
 
-def train_and_score(encoding: str, a: argparse.Namespace, store: Path, work: Path, e_inc: np.ndarray,
-                    ref: np.ndarray) -> dict[str, Any]:
+def size(text: str) -> tuple[int, int] | None:
+    """ "256x8" -> (hidden 256, 8 blocks); "preset" -> None (the preset's own)."""
+    if text == "preset":
+        return None
+    try:
+        hidden, blocks = (int(v) for v in text.split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a size is HIDDENxBLOCKS (e.g. 256x8) or 'preset', not {text!r}") from None
+    return hidden, blocks
+
+
+def train_and_score(encoding: str, hb: tuple[int, int] | None, a: argparse.Namespace, store: Path, work: Path,
+                    e_inc: np.ndarray, ref: np.ndarray) -> dict[str, Any]:
     preset = get_preset(a.preset)
+    spec = preset.spec(1, DS2)
+    if hb is not None:
+        spec = dataclasses.replace(spec, hidden=hb[0], blocks=hb[1])
+    name = f"{encoding}_{spec.hidden}x{spec.blocks}"
     torch.manual_seed(0)
-    model = FlowModel(1, DS2, preset.spec(1, DS2), preset=a.preset, energies=encoding)
+    model = FlowModel(1, DS2, spec, preset=a.preset, energies=encoding)
     s = open_store(store, DS2)
     b = preset.batch_size
     loaders = (ShardedLoader(s, "train", "energies", b, 0, 1, 1.0, seed=0),
                ShardedLoader(s, "val", "energies", b, 0, 1, 0.5, seed=0))
-    cfg = TrainConfig(epochs=a.epochs, batch_size=b, max_lr=preset.max_lr[1], log_every=10**9, name=encoding)
+    cfg = TrainConfig(epochs=a.epochs, steps=a.steps, batch_size=b, max_lr=preset.max_lr[1], log_every=10**9,
+                      name=name)
     t = time.perf_counter()
-    summary = fit(model, *loaders, cfg, work / encoding)
+    summary = fit(model, *loaders, cfg, work / name)
     train_s = time.perf_counter() - t
-    model.load_state_dict(torch.load(work / encoding / "best.pt", weights_only=True)["state_dict"])
+    model.load_state_dict(torch.load(work / name / "best.pt", weights_only=True)["state_dict"])
     with torch.no_grad():
         e = torch.as_tensor(e_inc, dtype=torch.float32)
         x = model.sample(model.context1(e), torch.Generator().manual_seed(1))
         gen = apply_threshold(pp.decode_flow1(x, e, encoding)).numpy()
-    return {"encoding": encoding, "train_s": round(train_s, 1), "steps": summary["global_step"],
+    return {"encoding": encoding, "hidden": spec.hidden, "blocks": spec.blocks,
+            "parameters": sum(q.numel() for q in model.parameters()), "train_s": round(train_s, 1),
+            "steps": summary["global_step"],
             "best_val_nll": summary["best_val"], **scores(e_inc, gen, e_inc, ref)}
 
 
@@ -79,8 +102,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", type=int, default=3000, help="synthetic training showers (default 3000)")
     p.add_argument("--heldout", type=int, default=2000, help="showers per held-out file (default 2000)")
-    p.add_argument("--epochs", type=int, default=60, help="flow-1 epochs for each encoding (default 60)")
+    p.add_argument("--epochs", type=int, default=60, help="flow-1 epochs for each case (default 60)")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps for each case, instead of --epochs")
     p.add_argument("--preset", default="quickstart", help="architecture and schedule (default quickstart)")
+    p.add_argument("--encodings", nargs="+", choices=pp.ENERGY_ENCODINGS, default=list(pp.ENERGY_ENCODINGS),
+                   help="flow-1 encodings to train (default: all)")
+    p.add_argument("--sizes", nargs="+", type=size, default=[None], metavar="HIDDENxBLOCKS",
+                   help="flow-1 sizes to train with each encoding: HIDDENxBLOCKS or 'preset' (default: preset)")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -95,10 +123,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         e_b, floor_layers = layer_energies(held_b)
         result: dict[str, Any] = {
             "command": "python -m bench.flow1 " + " ".join(sys.argv[1:] if argv is None else argv),
-            "machine": machine(), "threads": 1, "preset": a.preset, "epochs": a.epochs,
+            "machine": machine(), "threads": 1, "preset": a.preset, "epochs": a.epochs, "steps": a.steps,
             "train": a.train, "heldout": a.heldout,
             "floor": scores(e_b, floor_layers, e_inc, ref),
-            "cases": [train_and_score(enc, a, work / "store.zarr", work, e_inc, ref) for enc in pp.ENERGY_ENCODINGS],
+            "cases": [train_and_score(enc, hb, a, work / "store.zarr", work, e_inc, ref)
+                      for hb in a.sizes for enc in a.encodings],
         }
     emit(result, a.out)
     return 0

@@ -191,6 +191,8 @@ def test_core_seconds_count_each_invocation_at_its_own_threads(store: Path, tmp_
     assert first["core_s"] == pytest.approx(first["train_s"], abs=1e-3)
     second = run(6, 2)  # resumed on two threads: its seconds count twice
     assert second["core_s"] == pytest.approx(first["core_s"] + 2 * (second["train_s"] - first["train_s"]), abs=1e-3)
+    # CPU seconds used, kept beside the allocated ones: they add up over invocations too
+    assert 0 < first["cpu_s"] < second["cpu_s"]
 
 
 def test_minutes_budget_becomes_a_fixed_step_budget(store: Path, tmp_path: Path) -> None:

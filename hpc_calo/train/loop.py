@@ -306,6 +306,7 @@ def _fit(model: nn.Module, train_loader: Any, val_loader: Any, cfg: TrainConfig,
 
     epoch, step_in_epoch, global_step, best_val, last_val, trained_s = 0, 0, 0, math.inf, math.nan, 0.0
     trained_core_s = 0.0  # seconds x torch threads x workers, over every invocation (threads may change between)
+    trained_cpu_s = 0.0  # CPU seconds the training processes used: below core_s where other work shares the cores
     ckpt_path = rundir.checkpoint_in(out_dir)
     if ckpt_path.exists():
         ck = load_checkpoint(ckpt_path)
@@ -322,6 +323,7 @@ def _fit(model: nn.Module, train_loader: Any, val_loader: Any, cfg: TrainConfig,
         trained_s = float(ck.get("train_s", 0.0))
         # Older checkpoints hold no core-seconds: count their seconds at this invocation's threads.
         trained_core_s = float(ck.get("core_s", trained_s * threads * world_size))
+        trained_cpu_s = float(ck.get("cpu_s", trained_core_s))
         if ck.get("budget") == budget and (ck.get("timed", True) or cfg.minutes is None):
             total_steps, timed = ck["total_steps"], True
             sched.load_state_dict(ck["scheduler"])
@@ -344,7 +346,7 @@ def _fit(model: nn.Module, train_loader: Any, val_loader: Any, cfg: TrainConfig,
 
     progress = _Progress(cfg, out_dir, is_rank0, total_steps, global_step, steps_per_epoch)
     progress.write({"event": "start", "step": global_step, "torch_threads": threads})
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     skipped = 0
     timing_from = (global_step, t_start)
 
@@ -361,6 +363,8 @@ def _fit(model: nn.Module, train_loader: Any, val_loader: Any, cfg: TrainConfig,
                 "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "budget": budget, "timed": timed,
                 "train_s": trained_s + time.perf_counter() - t_start,
                 "core_s": trained_core_s + (time.perf_counter() - t_start) * threads * world_size,
+                # rank 0's process (its loader threads included) for every worker: ranks do equal work
+                "cpu_s": trained_cpu_s + (time.process_time() - cpu_start) * world_size,
                 "best_val": best_val, "last_val": last_val, "rng": states,
             })
 
