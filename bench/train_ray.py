@@ -98,15 +98,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer steps and one repetition (a smoke run)")
     p.add_argument("--dataset", default="ds2", choices=("ds2", "ds3"), help="synthetic dataset (default ds2)")
     p.add_argument("--preset", default="small", help="flow preset (default small; ds3 for the reference DS3 size)")
-    p.add_argument("--showers", type=int, default=800,
-                   help="synthetic showers in the store (default 800: one epoch is longer than the run)")
+    p.add_argument("--showers", type=int, default=4000,
+                   help="synthetic showers in the store (default 4000: one epoch is longer than the run)")
     p.add_argument("--batch", type=int, default=500, help="GLOBAL batch of layer pairs (default 500)")
-    p.add_argument("--steps", type=int, default=None, help="optimiser steps per run (default 60, quick 15)")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps per run (default 300, quick 15)")
     p.add_argument("--reps", type=int, default=None, help="repetitions of each variant (default 3, quick 1)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray worker (default 0: CPU)")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = p.parse_args(argv)
-    args.steps = args.steps or (15 if args.quick else 60)
+    args.steps = args.steps or (15 if args.quick else 300)
     reps = args.reps or (1 if args.quick else 3)
 
     import ray

@@ -158,7 +158,10 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
           f"loader {mode}", file=sys.stderr, flush=True)
 
     model = job.make_model().to(device=device, dtype=cfg.torch_dtype)
-    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # The flows' buffers are constant (MADE masks, permutations: as many numbers as the weights), so DDP need not
+    # broadcast them from rank 0 before every forward pass; the gradients all-reduce straight from their buckets.
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                              broadcast_buffers=False, gradient_as_bucket_view=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
