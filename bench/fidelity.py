@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -86,6 +87,8 @@ def _budget_flags(s: Settings, name: str) -> list[str]:
 
 
 _print_lock = threading.Lock()
+_children: set[subprocess.Popen] = set()  # the steps running now (each in a thread of its own)
+_children_lock = threading.Lock()
 
 
 def _say(msg: str) -> None:
@@ -101,8 +104,15 @@ def _run(s: Settings, name: str, module: str, args: list[str]) -> None:
     t = time.perf_counter()
     _say(f"{name}: python -m {module} {' '.join(args)}")
     with open(logs / f"{name}.log", "a") as log:
-        code = subprocess.run([sys.executable, "-m", module, *args], stdout=log, stderr=subprocess.STDOUT,
-                              env=env).returncode
+        child = subprocess.Popen([sys.executable, "-m", module, *args], stdout=log, stderr=subprocess.STDOUT,
+                                 env=env)
+        with _children_lock:
+            _children.add(child)
+        try:
+            code = child.wait()
+        finally:
+            with _children_lock:
+                _children.discard(child)
     if code:
         tail = (logs / f"{name}.log").read_text().splitlines()[-15:]
         raise SystemExit(f"{name} failed (exit {code}); the end of {logs / f'{name}.log'}:\n" + "\n".join(tail))
@@ -384,6 +394,19 @@ def _check_budget(text: str) -> tuple[str, str]:
     return name, f"{unit}:{amount}"
 
 
+def _stop_children(signum: int, frame: Any) -> None:
+    """SIGTERM to the benchmark reaches the steps it runs (a terminal's Ctrl-C reaches them anyway): they
+    checkpoint and exit, instead of training on, orphaned, into the files a restarted benchmark resumes from."""
+    with _children_lock:
+        children = list(_children)
+    for child in children:
+        child.send_signal(signum)
+    for child in children:
+        child.wait()
+    _say(f"{signal.Signals(signum).name}: stopped {len(children)} running step(s); run the same command to resume")
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.fidelity", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -427,6 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         noise_kev=a.noise_kev,
         chains=("teacher",) if a.teachers_only else CHAINS,
     )
+    signal.signal(signal.SIGTERM, _stop_children)
     result = run(s)
     for chain, r in result["chains"].items():
         sp = r["separation_power"]

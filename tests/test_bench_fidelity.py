@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from bench.fidelity import FLOWS
 from bench.quickstart_bars import check
+from hpc_calo import rundir
 from hpc_calo.flows.presets import get_preset
 
 
@@ -98,3 +101,25 @@ def test_goals_of_a_teachers_only_run_leave_the_student_out() -> None:
     out = goals(result)
     assert out["teacher_cls_low_auc<=0.85"] and not out["teacher_cls_high_auc<=0.80"]
     assert out["teacher_S(e_layer)<=2x_floor"] and not any(k.startswith("student") for k in out)
+
+
+@pytest.mark.integration
+def test_stopping_the_benchmark_stops_the_step_it_runs(tmp_path: Path) -> None:
+    """SIGTERM to the benchmark: the training it runs checkpoints and ends with it, instead of training on
+    orphaned into the files that the restarted benchmark resumes from."""
+    work = tmp_path / "fid"
+    bench = subprocess.Popen([sys.executable, "-m", "bench.fidelity", "--quick", "--work", str(work), "--jobs", "1",
+                              "--teachers-only", "--renormalised-only", "--budget", "flow3=steps:1000000"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    flow3 = rundir.flow_dir(work / "run", 3)
+    deadline = time.monotonic() + 300
+    while not rundir.metrics_in(flow3).exists():  # written once the training loop runs (and watches signals)
+        assert bench.poll() is None and time.monotonic() < deadline, bench.stdout.read() if bench.stdout else ""
+        time.sleep(0.2)
+    bench.send_signal(signal.SIGTERM)
+    out, _ = bench.communicate(timeout=120)
+    assert bench.returncode == 128 + signal.SIGTERM, out[-2000:]
+    assert "run the same command to resume" in out
+    left = subprocess.run(["pgrep", "-f", str(work)], capture_output=True, text=True).stdout.split()
+    assert left == [], f"steps still running after the benchmark stopped: {left}"
+    assert rundir.checkpoint_in(flow3).exists()  # the step stopped the way a stopped training stops
