@@ -15,11 +15,14 @@ they came from: after more training they are made again. Steps:
 3. the teachers (``hpc_calo.train``), then the students (``hpc_calo.distill``; not with ``--teachers-only``), up
    to ``--jobs`` at a time (a student waits for its teacher), each child with ``--threads`` torch threads;
 4. showers for held-out A's incident energies from the teacher chain and from the student chain
-   (``hpc_calo.generate``), each with and without layer renormalisation;
+   (``hpc_calo.generate``), each with and without layer renormalisation, each as soon as its chain's models are
+   trained (the teacher chain's while the students still distil);
 5. ``hpc_calo.evaluate`` of each against held-out A, and of held-out B against held-out A: the floor, what two
    independent samples of the same physics score;
 6. the JSON summary (``--out``) and figures (``--figures``): validation-loss curves per flow and the separation
    power of every feature group beside the floor.
+
+Steps 3-5 run as one graph, ``--jobs`` at a time: the floor, which needs no model, fills any idle slot.
 
 ``--quick`` shrinks every size so that the whole plumbing runs in CI-sized time; its numbers mean nothing.
 
@@ -157,14 +160,14 @@ def _evaluate(s: Settings, key: str, gen: Path) -> None:
         "--epochs", str(s.eval_epochs), *(["--no-plots"] if s.quick else [])])
 
 
-def _parallel(s: Settings, tasks: dict[str, Any], after: dict[str, str]) -> None:
+def _parallel(s: Settings, tasks: dict[str, Any], after: dict[str, tuple[str, ...]]) -> None:
     """Run ``tasks`` (name -> callable), ``jobs`` at a time; a free slot takes the first task, in this order, whose
-    ``after[name]`` has finished (a waiting task never holds a slot)."""
+    ``after[name]`` have all finished (a waiting task never holds a slot)."""
     waiting, finished, failures = list(tasks), set(), []
     with ThreadPoolExecutor(max_workers=s.jobs) as pool:
         running: dict[Any, str] = {}
         while waiting or running:
-            ready = [n for n in waiting if after.get(n) in (None, *finished)]
+            ready = [n for n in waiting if finished.issuperset(after.get(n, ()))]
             while ready and len(running) < s.jobs and not failures:
                 name = ready.pop(0)
                 waiting.remove(name)
@@ -178,18 +181,6 @@ def _parallel(s: Settings, tasks: dict[str, Any], after: dict[str, str]) -> None
                     failures.append(f.exception())
     if failures:
         raise failures[0]
-
-
-def train_all(s: Settings) -> None:
-    """Teachers and students (a student after its teacher), flow-3 first (the longest); the floor's evaluation
-    needs no model, so it fills a free core while the rest trains."""
-    students = "student" in s.chains
-    tasks: dict[str, Any] = {name: (lambda n=name: _train_one(s, n))
-                             for name in ("flow3", "flow1", "flow2", *(("flow2_student",) if students else ()))}
-    tasks["floor"] = lambda: _evaluate(s, "floor", s.path("data", "heldout_b.h5"))
-    if students:
-        tasks["flow3_student"] = lambda: _train_one(s, "flow3_student")
-    _parallel(s, tasks, {"flow2_student": "flow2", "flow3_student": "flow3"})
 
 
 def _chain_weights(s: Settings, chain: str) -> list[Path]:
@@ -210,28 +201,39 @@ def _current(s: Settings, out: Path, chain: str, key: str) -> bool:
     return False
 
 
-def generate_and_evaluate(s: Settings) -> dict[str, dict[str, Any]]:
-    """Showers of each chain for held-out A's energies (with and without renormalisation unless
-    ``--renormalised-only``), then every report: the chains with every metric, the unnormalised variants with the
-    cheap ones, the floor. ``jobs`` at a time; a chain's evaluation starts as soon as its showers exist (a teacher
-    chain samples one feature at a time and takes far longer than a student chain)."""
-    ref = s.path("data", "heldout_a.h5")
-    cases, tasks, after = {}, {}, {}
+def _generate(s: Settings, key: str, out: Path, chain: str, renormalise: bool) -> None:
+    """Showers of ``chain`` for held-out A's energies, unless ``out`` holds those of the present weights."""
+    if _current(s, out, chain, key):
+        return
+    _run(s, f"generate_{key}", "hpc_calo.generate", [
+        "--run", str(s.path("run")), "--energies", str(s.path("data", "heldout_a.h5")), "--out", str(out),
+        "--seed", "0", "--students", "yes" if chain == "student" else "no", "--threads", str(s.threads),
+        "--no-progress", "--renormalise" if renormalise else "--no-renormalise"])
+
+
+def train_generate_evaluate(s: Settings) -> dict[str, dict[str, Any]]:
+    """Every step as one graph, ``jobs`` at a time: the teachers and students (a student after its teacher,
+    flow-3 first: the longest), each chain's showers for held-out A's energies as soon as that chain's models
+    are trained (with and without renormalisation unless ``--renormalised-only``) and their reports (the chains
+    with every metric, the unnormalised variants with the cheap ones), and the floor, which needs no model and
+    so fills a free slot whenever one is idle. Returns the reports."""
+    students = "student" in s.chains
+    tasks: dict[str, Any] = {name: (lambda n=name: _train_one(s, n))
+                             for name in ("flow3", "flow1", "flow2", *(("flow2_student", "flow3_student")
+                                                                       if students else ()))}
+    after: dict[str, tuple[str, ...]] = {"flow2_student": ("flow2",), "flow3_student": ("flow3",)}
+    cases = {}
     for chain in s.chains:
+        models = ("flow1", "flow2", "flow3") if chain == "teacher" else ("flow1", "flow2_student", "flow3_student")
         for renorm in (True, False) if s.unnormalised else (True,):
             key = chain + ("" if renorm else "_unnormalised")
-            out = s.path("gen", f"{key}.h5")
-            cases[key] = out
-            if _current(s, out, chain, key):
-                continue
-            tasks[f"generate_{key}"] = lambda k=key, o=out, r=renorm, c=chain: _run(
-                s, f"generate_{k}", "hpc_calo.generate", [
-                    "--run", str(s.path("run")), "--energies", str(ref), "--out", str(o), "--seed", "0",
-                    "--students", "yes" if c == "student" else "no", "--threads", str(s.threads), "--no-progress",
-                    "--renormalise" if r else "--no-renormalise"])
-            after[key] = f"generate_{key}"
+            cases[key] = out = s.path("gen", f"{key}.h5")
+            tasks[f"generate_{key}"] = lambda k=key, o=out, c=chain, r=renorm: _generate(s, k, o, c, r)
+            after[f"generate_{key}"] = models
+            tasks[key] = lambda k=key, o=out: _evaluate(s, k, o)
+            after[key] = (f"generate_{key}",)
     cases["floor"] = s.path("data", "heldout_b.h5")
-    tasks.update({key: (lambda k=key, g=gen: _evaluate(s, k, g)) for key, gen in cases.items()})
+    tasks["floor"] = lambda: _evaluate(s, "floor", cases["floor"])
     _parallel(s, tasks, after)
     return {key: json.loads(s.path("reports", key, "report.json").read_text()) for key in cases}
 
@@ -361,8 +363,7 @@ def goals(result: dict[str, Any]) -> dict[str, Any]:
 def run(s: Settings) -> dict[str, Any]:
     t0 = time.perf_counter()
     make_data(s)
-    train_all(s)
-    reports = generate_and_evaluate(s)
+    reports = train_generate_evaluate(s)
     result: dict[str, Any] = {
         "command": "python -m bench.fidelity " + " ".join(sys.argv[1:]),
         "machine": machine(),

@@ -87,7 +87,7 @@ def test_a_task_waiting_for_another_does_not_hold_a_slot(tmp_path: Path) -> None
     c_ran, order = threading.Event(), []
     tasks = {"a": lambda: order.append(("a", c_ran.wait(timeout=10))), "b": lambda: order.append(("b", True)),
              "c": lambda: (c_ran.set(), order.append(("c", True)))}
-    _parallel(s, tasks, {"b": "a"})  # b waits for a; c must run beside a meanwhile, not after it
+    _parallel(s, tasks, {"b": ("a",)})  # b waits for a; c must run beside a meanwhile, not after it
     assert order == [("c", True), ("a", True), ("b", True)]
 
 
