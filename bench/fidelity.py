@@ -255,7 +255,7 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _core_seconds(flow_dir: Path, threads: int) -> tuple[float, float]:
+def _training_seconds(flow_dir: Path, threads: int) -> tuple[float, float]:
     """Training core-seconds (wall x threads) and CPU seconds used, over every invocation: the checkpoint's running
     totals (a metrics line's ``elapsed_s`` counts only the invocation that wrote it, and the thread count may
     differ between invocations). A checkpoint from before the totals were kept counts its seconds at ``threads``;
@@ -281,7 +281,7 @@ def training_record(s: Settings) -> dict[str, Any]:
         epochs = [json.loads(x) for x in rundir.metrics_in(d).read_text().splitlines()]
         epochs = [e for e in epochs if e.get("event") == "epoch"]
         cfg = json.loads(rundir.config_in(d).read_text())
-        core_s, cpu_s = _core_seconds(d, s.threads)
+        core_s, cpu_s = _training_seconds(d, s.threads)
         rec[name] = {
             "curve": [{"step": e["step"], "val": e["val_loss"], "train": e["train_loss"]} for e in epochs],
             "steps": epochs[-1]["step"] if epochs else 0,
