@@ -11,7 +11,9 @@ repetition run back to back, reference and ours interleaved, so that load on a s
   own ``generate_flow_1/2/3`` in float64, as shipped; hpc-calo's ``Chain`` with its fast samplers in float32,
   in bf16 (``--dtype bf16``: bf16 GEMMs, float32 splines), and in float32 on 2 threads (two batches side by
   side, one thread each: ``hpc_calo.cpus.batch_lanes``, as every hpc-calo command runs them). DS2 at batch 1000,
-  DS3 at batch 100 (the reference's DS3 chain takes ~0.5 s per shower). The 2-thread cell runs only where the
+  DS3 at batch 100 (the reference's DS3 chain takes ~0.5 s per shower); both precisions again with ``--compile``
+  (the students' spline under torch.compile; its one-time compilation is the warm-up, reported as ``warmup_s``
+  and not timed; left out with ``--quick``). The 2-thread cell runs only where the
   process owns two CPUs (under ``taskset -c 1`` it is left out).
 - ``train``: flow-3 teacher training steps per second at the DS2 reference size (8 MADE blocks, 2 x 256 hidden,
   8 bins, 144 features, context 191), batch 1000: the reference's loop body of ``train_eval_flow_3``
@@ -46,6 +48,12 @@ GOALS = [
     ("ds2 chain: reference float64 / ours float32", "chain/ds2/ref/float64/1", "chain/ds2/ours/float32/1", 6.0),
     ("ds3 chain: reference float64 / ours float32", "chain/ds3/ref/float64/1", "chain/ds3/ours/float32/1", 8.0),
     ("ds2 chain: reference float64 / ours bf16", "chain/ds2/ref/float64/1", "chain/ds2/ours/bf16/1", 10.0),
+    ("ds2 chain: reference float64 / ours float32 --compile", "chain/ds2/ref/float64/1",
+     "chain/ds2/ours/float32+compile/1", 6.0),
+    ("ds3 chain: reference float64 / ours float32 --compile", "chain/ds3/ref/float64/1",
+     "chain/ds3/ours/float32+compile/1", 8.0),
+    ("ds2 chain: reference float64 / ours bf16 --compile", "chain/ds2/ref/float64/1", "chain/ds2/ours/bf16+compile/1",
+     10.0),
     ("ds2 chain: ours float32, 1 thread / 2 threads", "chain/ds2/ours/float32/1", "chain/ds2/ours/float32/2", 1.7),
     ("train: ours float32 / reference float64 (samples/s)", "train/ds2/ours/float32/1", "train/ds2/ref/float64/1",
      3.0),
@@ -66,10 +74,11 @@ class Cell:
     steps: int = 3  # train: timed steps (after one warm-up)
     ref_dir: str = ""
     cpu: int | None = None  # pin to this CPU (and the next ones for more threads)
+    compile: bool = False  # ours: the students' spline under torch.compile (``--compile``)
 
     @property
     def key(self) -> str:
-        return f"{self.mode}/{self.dataset}/{self.kind}/{self.dtype}/{self.threads}"
+        return f"{self.mode}/{self.dataset}/{self.kind}/{self.dtype}{'+compile' if self.compile else ''}/{self.threads}"
 
 
 def _reference(cell: Cell) -> Any:
@@ -128,21 +137,24 @@ def _ref_chain(cell: Cell) -> float:
     return dt * 1e3 / cell.batch
 
 
-def _our_chain(cell: Cell) -> float:
+def _our_chain(cell: Cell) -> tuple[float, dict[str, Any]]:
     import torch
 
     from bench.sample import _energies, build_chain
     from hpc_calo.precision import resolve
 
     dtype, mm = resolve(cell.dtype)
-    chain = build_chain(cell.dataset, student=True, dtype=dtype, device="cpu").use_fast_samplers(matmul_dtype=mm)
+    chain = build_chain(cell.dataset, student=True, dtype=dtype, device="cpu")
+    chain.use_fast_samplers(compile=cell.compile, matmul_dtype=mm)
     e = _energies(cell.batch * cell.threads, 1)  # one batch per thread
-    chain.sample(e[:10], seed=0, batch_size=cell.batch)  # warm-up
+    t = time.perf_counter()
+    chain.sample(e[:10], seed=0, batch_size=cell.batch)  # warm-up (and the compilation, once per process)
+    warmup_s = time.perf_counter() - t
     t = time.perf_counter()
     out = chain.sample(e, seed=0, batch_size=cell.batch, threads=cell.threads)
     dt = time.perf_counter() - t
     assert out.shape[0] == len(e) and torch.isfinite(torch.from_numpy(out)).all()
-    return dt * 1e3 / len(e)
+    return dt * 1e3 / len(e), {"warmup_s": round(warmup_s, 1)}
 
 
 def _median_step(step: Any, steps: int) -> float:
@@ -225,7 +237,8 @@ def measure(cell: Cell) -> dict[str, Any]:
     fn = {("chain", "ref"): _ref_chain, ("chain", "ours"): _our_chain, ("train", "ref"): _ref_train,
           ("train", "ours"): _our_train}[(cell.mode, cell.kind)]
     value = fn(cell)
-    return {"value": value, "unit": "ms/shower" if cell.mode == "chain" else "samples/s",
+    value, extra = value if isinstance(value, tuple) else (value, {})
+    return {"value": value, **extra, "unit": "ms/shower" if cell.mode == "chain" else "samples/s",
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
@@ -251,6 +264,8 @@ def plan(modes: list[str], quick: bool, ref_dir: str, cpu: int | None) -> list[C
             cells += [Cell("chain", "ref", ds, "float64", batch, ref_dir=ref_dir, cpu=cpu),
                       Cell("chain", "ours", ds, "float32", batch, cpu=cpu),
                       Cell("chain", "ours", ds, "bf16", batch, cpu=cpu)]
+            if not quick:
+                cells += [Cell("chain", "ours", ds, dt, batch, cpu=cpu, compile=True) for dt in ("float32", "bf16")]
             if ds == "ds2" and len(os.sched_getaffinity(0)) >= 2:
                 cells.append(Cell("chain", "ours", ds, "float32", batch, threads=2, cpu=None))
     if "train" in modes:

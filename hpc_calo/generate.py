@@ -40,7 +40,7 @@ from hpc_calo.io.check import check_energies, check_trained_range
 from hpc_calo.io.hdf5 import MAX_SHOWERS, output_bytes
 from hpc_calo.models import FlowModel, load_flow_model
 from hpc_calo.outputs import CALO_FILE, claim, require_space
-from hpc_calo.precision import PRECISION_HELP, PRECISIONS, add_renormalise_argument, resolve
+from hpc_calo.precision import PRECISION_HELP, PRECISIONS, add_compile_argument, add_renormalise_argument, resolve
 from hpc_calo.seeding import DEFAULT_SEED, ROW_BLOCK, log_uniform_energies, row_block_seed
 
 T = TypeVar("T")
@@ -116,7 +116,7 @@ class Chain:
     @classmethod
     def load(cls, run_dir: str | os.PathLike[str], device: str | torch.device = "cpu",
              dtype: torch.dtype = torch.float32, students: bool | None = None, fast: bool = True,
-             matmul_dtype: torch.dtype | None = None, renormalise: bool = True,
+             matmul_dtype: torch.dtype | None = None, renormalise: bool = True, compile: bool = False,
              cuda_graphs: bool | None = None) -> Chain:
         """Load ``RUN_DIR/flow{1,2,3}[_student]/best.pt``. students: None uses a student where one exists.
 
@@ -140,7 +140,7 @@ class Chain:
         chain = cls(flows, geometry, (float(lo), float(hi)), renormalise=renormalise, run=run)
         if not fast:
             return chain
-        chain.use_fast_samplers(matmul_dtype=matmul_dtype)
+        chain.use_fast_samplers(compile=compile, matmul_dtype=matmul_dtype)
         if chain.device.type == "cuda" if cuda_graphs is None else cuda_graphs:
             chain.use_cuda_graphs()
         return chain
@@ -304,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads, 0: the CPUs this process owns; on the CPU each runs its own batch (torch "
                         "threads within a batch only where there are fewer batches than threads)")
     add_renormalise_argument(p)
+    add_compile_argument(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -322,6 +323,7 @@ class GenerateRequest:
     dtype: str = "float32"
     students: bool | None = None  # None: students where trained
     renormalise: bool = True  # each generated layer sums exactly to flow-1's layer energy
+    compile: bool = False  # the students' spline under torch.compile (other last bits)
     threads: int = 0  # CPU threads; 0: the CPUs this process owns (split as hpc_calo.cpus.batch_lanes)
     progress: bool = True
 
@@ -348,7 +350,7 @@ def generate(req: GenerateRequest) -> int:
     threads = torch_threads(req.threads)
     dtype, matmul_dtype = resolve(req.dtype)
     chain = Chain.load(req.run, req.device, dtype, req.students, matmul_dtype=matmul_dtype,
-                       renormalise=req.renormalise)
+                       renormalise=req.renormalise, compile=req.compile)
     if req.energies is not None:
         e_inc = reference_energies(req.energies, chain.geometry, req.showers, chain.energy_range)
         n = len(e_inc)
@@ -359,7 +361,7 @@ def generate(req: GenerateRequest) -> int:
     if req.energies is None:
         e_inc = chain.random_energies(n, req.seed)
     attrs = {"generator": "hpc-calo iCaloFlow", "run": str(Path(req.run).resolve()), "seed": req.seed,
-             "students": str(chain.students), "renormalise": req.renormalise}
+             "students": str(chain.students), "renormalise": req.renormalise, "compile": req.compile}
     with CaloWriter(req.out, chain.geometry, n_total=n, attrs=attrs) as w, tqdm(
         total=n, unit="shower", desc="generate", disable=not req.progress, file=sys.stderr
     ) as bar:
@@ -380,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run=args.run, out=args.out, showers=args.showers, energies=args.energies, batch_size=args.batch_size,
         seed=args.seed, device=args.device, dtype=args.dtype,
         students={"auto": None, "yes": True, "no": False}[args.students], renormalise=args.renormalise,
-        threads=args.threads,
+        compile=args.compile, threads=args.threads,
         progress=not args.no_progress,
     )
     print(f"wrote {generate(req)} showers to {req.out}")

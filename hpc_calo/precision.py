@@ -28,6 +28,14 @@ def resolve(name: str) -> tuple[torch.dtype, torch.dtype | None]:
     return getattr(torch, model), None if gemm is None else getattr(torch, gemm)
 
 
+def add_compile_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action="store_true",
+                   help="run the students' spline under torch.compile: fused into one loop, faster on the CPU "
+                        "(BENCHMARKS.md), after a one-time compilation per process (~25 s, ~8 s once cached on "
+                        "disk); results differ from the default in the last bits; recorded in the output's "
+                        "attributes")
+
+
 def add_renormalise_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--renormalise", action=argparse.BooleanOptionalAction, default=True,
                    help="scale each generated layer to sum exactly to flow-1's layer energy (default), or, as the "

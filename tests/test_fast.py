@@ -23,8 +23,9 @@ def _student(spec: FlowSpec, dtype: torch.dtype, seed: int = 0) -> torch.nn.Modu
     ("dtype", "tol"), [(torch.float64, 1e-10), (torch.float32, 2e-4)]
 )
 @pytest.mark.parametrize("layers", [1, 2])
-def test_fast_student_equals_nflows(dtype: torch.dtype, tol: float, layers: int) -> None:
-    spec = FlowSpec(features=24, context=5, hidden=32, layers=layers, blocks=4, bins=8)
+@pytest.mark.parametrize("features", [24, 23])  # 4 block-triangular GEMM groups; a prime count: one dense GEMM
+def test_fast_student_equals_nflows(dtype: torch.dtype, tol: float, layers: int, features: int) -> None:
+    spec = FlowSpec(features=features, context=5, hidden=32, layers=layers, blocks=4, bins=8)
     flow = _student(spec, dtype)
     g = torch.Generator().manual_seed(1)
     # Scale 4 puts ~1 % of the inputs beyond the tail bound 14, exercising the linear tails too.
@@ -135,3 +136,13 @@ def test_compiled_spline_equals_eager() -> None:
         out2 = FastStudent(flow).compile()(z[:77], c[:77])  # another batch size: no recompile needed
     assert torch.allclose(out, ref, atol=2e-4, rtol=2e-4)
     assert torch.allclose(out2, ref[:77], atol=2e-4, rtol=2e-4)
+
+
+def test_fast_student_gemms_do_five_eighths_of_the_dense_work() -> None:
+    # That they leave out only masked-out weights is what the equality with nflows above shows.
+    spec = PRESETS["ds2"].spec(3, DS2, student=True)
+    fast = FastStudent(_student(spec, torch.float32))
+    done = sum((b - a) * c for gemms in fast.gemms for groups in gemms for a, b, c in groups)
+    dense = sum(w.numel() for name, w in build_iaf(spec).named_parameters() if name.endswith("weight")
+                and "context_layer" not in name)
+    assert fast.n_groups == 4 and done / dense < 0.66, done / dense  # 5/8, plus the groups' rounding

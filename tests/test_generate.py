@@ -140,6 +140,19 @@ def test_bf16_precision_stays_close_to_float32(run_dir: Path, tmp_path: Path) ->
     assert np.median(rel) < 0.05, rel
 
 
+def test_compiled_spline_gives_the_eager_showers_to_rounding(run_dir: Path, tmp_path: Path) -> None:
+    out = {}
+    for flags in ([], ["--compile"]):
+        out[bool(flags)] = tmp_path / f"compile_{bool(flags)}.h5"
+        with pytest.raises(SystemExit) as done:
+            run_cli(generate_main, ["--run", str(run_dir), "--showers", "20", "--out", str(out[bool(flags)]),
+                                    "--seed", "1", "--students", "yes", "--no-progress", *flags])
+        assert done.value.code == 0
+    with h5py.File(out[False]) as a, h5py.File(out[True]) as b:
+        assert bool(b.attrs["compile"]) and not bool(a.attrs["compile"])
+        np.testing.assert_allclose(b["showers"][:], a["showers"][:], rtol=1e-3, atol=1e-3)
+
+
 def test_flow3_is_conditioned_with_its_own_noise_width(run_dir: Path, tmp_path: Path) -> None:
     """The generated layer n-1 gets the noise flow-3 was trained with before it conditions layer n."""
     e = np.geomspace(1e3, 1e6, 4)

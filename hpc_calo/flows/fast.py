@@ -1,14 +1,7 @@
 """Fast one-pass sampling for the IAF students: the nflows student rewritten as a few plain GEMMs per block.
 
-What it removes from the plain nflows path (``flow._transform.inverse``), all without changing the result:
-- masks: ``weight * mask`` is computed once, not on every call;
-- permutations: folded into the weights (each block's input columns and output rows are reordered so that
-  the data never move), leaving one gather at the very end;
-- the context: the context layers of all blocks are stacked into one GEMM per call;
-- the layout: the state is feature-major (D, B), so the output GEMM writes each spline parameter as one
-  contiguous slab and ``hpc_calo.flows.spline.rq_spline_sample`` (the inverse spline without log-determinant)
-  runs every op on contiguous memory;
-- optionally ``torch.compile`` (fuses the spline's elementwise chain) and, on a GPU, a CUDA graph replay.
+``FastStudent`` samples the students, ``FastMAF`` the MAFs (flow-1 and teachers sampled without a student); each
+says what it removes from the plain nflows path.
 
 Numerics: float64 and float32 agree with nflows to rounding (tests/test_fast.py). ``matmul_dtype=torch.bfloat16``
 runs the GEMMs and the activations between them in bf16 (spline in float32): faster where the hardware has bf16
@@ -30,26 +23,61 @@ from hpc_calo.flows.passes import is_student
 from hpc_calo.flows.spline import rq_spline_sample
 
 CPU_CHUNK_BYTES = 4 * 2**20  # spline parameters per CPU chunk in FastStudent.forward (316 DS2 rows in float32)
+GEMM_GROUPS = 4  # feature groups of FastStudent's block-triangular GEMMs: (G + 1) / 2G of the dense work
+
+
+def _row_groups(degrees: torch.Tensor, edges: list[int]) -> list[tuple[int, int]]:
+    """Row ranges of degree-sorted units, one per feature group: group g holds degrees in (edges[g], edges[g+1]]."""
+    cut = torch.searchsorted(degrees, torch.tensor(edges[1:-1]), right=True).tolist()
+    return list(zip([0, *cut], [*cut, len(degrees)], strict=True))
+
+
+def _prefix(mask: torch.Tensor, rows: tuple[int, int]) -> int:
+    """Columns a row range needs: up to its last nonzero mask entry (columns are degree-sorted)."""
+    used = mask[rows[0] : rows[1]].any(dim=0).nonzero()
+    return int(used.max()) + 1 if len(used) else 0
+
+
+def _group_major(rows: torch.Tensor, groups: int, n_par: int) -> torch.Tensor:
+    """MADE output rows from nflows' (feature, parameter) order to (group, parameter, feature in group): each
+    group's GEMM then writes its (parameter, feature, batch) slab contiguously."""
+    return rows.reshape(groups, -1, n_par, rows.shape[-1]).transpose(1, 2).reshape(rows.shape)
+
+
 
 
 class FastStudent(nn.Module):
-    """z -> x for one IAF student, built once from the trained nflows flow (the weights are copied)."""
+    """z -> x for one IAF student, built once from the trained nflows flow (the weights are copied).
 
-    def __init__(self, flow: flows.Flow, matmul_dtype: torch.dtype | None = None) -> None:
+    What it removes from the plain nflows path (``flow._transform.inverse``), all without changing the result:
+    - masks: ``weight * mask`` is computed once, not on every call;
+    - the masked-out half of every GEMM: a MADE is triangular once its units are sorted by degree (a unit of
+      degree k reads the inputs of degree <= k), so each layer runs as ``GEMM_GROUPS`` row groups that each read
+      only the prefix of the previous layer they depend on: (G + 1) / 2G of the dense work (5/8 at G = 4);
+    - the context: the context layers of all blocks are stacked into one GEMM per call;
+    - the layout: the state is feature-major (D, B) in each block's own feature order (one row gather per
+      block), so the output GEMM writes each spline parameter of a feature group as one contiguous slab and
+      ``hpc_calo.flows.spline.rq_spline_sample`` (the inverse spline without log-determinant) runs every op on
+      contiguous rows;
+    - optionally ``torch.compile`` (fuses the spline's elementwise chain) and, on a GPU, a CUDA graph replay.
+    """
+
+    def __init__(self, flow: flows.Flow, matmul_dtype: torch.dtype | None = None, groups: int | None = None) -> None:
         super().__init__()
+        if groups is None:  # bf16 GEMMs (oneDNN) pay a per-call cost that eats what the smaller ones save
+            groups = GEMM_GROUPS if matmul_dtype is None else 1
         seq = list(flow._transform._transforms)[::-1]  # sampling order
-        features = None
-        # index[j] = storage column that holds the j-th coordinate of the current (logical) tensor.
+        # index[j] = storage row that holds the j-th coordinate of the current (logical) tensor.
         index: torch.Tensor | None = None
         ctx_w, ctx_b = [], []
         self.n_blocks = 0
-        self.n_hidden = 0
+        self.gemms: list[list[list[tuple[int, int, int]]]] = []  # per block, per layer: (first row, end, columns)
+        self.gathers: list[bool] = []  # per block: whether its input rows are gathered into its feature order
         spline = None
         for t in seq:
             if isinstance(t, transforms.Permutation):
                 perm = t._permutation
-                features = perm.numel() if features is None else features
-                index = torch.arange(features) if index is None else index
+                index = torch.arange(perm.numel()) if index is None else index
                 index = index[torch.argsort(perm)]  # the student applies the inverse permutation
                 continue
             if not isinstance(t, transforms.InverseTransform) or not isinstance(
@@ -62,30 +90,46 @@ class FastStudent(nn.Module):
                 raise NotImplementedError("FastStudent supports the feed-forward ReLU MADE with a context")
             if any(b.batch_norm is not None for b in made.blocks):
                 raise NotImplementedError("FastStudent does not support batch norm")
-            features = made.initial_layer.in_features if features is None else features
-            index = torch.arange(features) if index is None else index
-            inv = torch.argsort(index)
+            features = made.initial_layer.in_features
+            n_groups = max(g for g in range(1, groups + 1) if features % g == 0)
+            size = features // n_groups
+            edges = [g * size for g in range(n_groups + 1)]  # group g: features (logical) g*size .. (g+1)*size-1
+            i = self.n_blocks
+            gather = index is not None and not torch.equal(index, torch.arange(features))
+            if gather:
+                self.register_buffer(f"gather{i}", index.clone())
+            self.gathers.append(gather)
+            index = torch.arange(features)  # after the gather, storage order is this block's feature order
             spline = (block.num_bins, float(block.tail_bound), block.min_bin_width, block.min_bin_height,
                       block.min_derivative)
-            i = self.n_blocks
+            layers = [made.initial_layer] + [b.linear for b in made.blocks]
+            gemms = []
             with torch.no_grad():
-                w_in = (made.initial_layer.weight * made.initial_layer.mask)[:, inv]
-                self.register_buffer(f"w_in{i}", w_in.detach().clone())
-                self.register_buffer(f"b_in{i}", made.initial_layer.bias.detach().clone().unsqueeze(1))
-                for j, hb in enumerate(made.blocks):
-                    self.register_buffer(f"w_h{i}_{j}", (hb.linear.weight * hb.linear.mask).detach().clone())
-                    self.register_buffer(f"b_h{i}_{j}", hb.linear.bias.detach().clone().unsqueeze(1))
-                n_par = made.final_layer.out_features // features
-                # Output rows: nflows orders them (dimension, parameter); here (parameter, storage column).
-                w_out = (made.final_layer.weight * made.final_layer.mask).reshape(features, n_par, -1)[inv]
-                self.register_buffer(f"w_out{i}", w_out.transpose(0, 1).reshape(features * n_par, -1).clone())
-                b_out = made.final_layer.bias.reshape(features, n_par)[inv].t()
-                self.register_buffer(f"b_out{i}", b_out.reshape(-1, 1).clone())
-                ctx_w.append(made.context_layer.weight.detach())
-                ctx_b.append(made.context_layer.bias.detach())
-            self.n_hidden = len(made.blocks)
+                prev: torch.Tensor | None = None  # the previous layer's unit order (None: the inputs, as they are)
+                for li, lin in enumerate(layers):
+                    order = torch.argsort(lin.degrees, stable=True)
+                    w, mask = (lin.weight * lin.mask)[order], lin.mask[order]
+                    if prev is not None:
+                        w, mask = w[:, prev], mask[:, prev]
+                    rows = _row_groups(lin.degrees[order], edges)
+                    gemms.append(self._weights(f"w{i}_{li}", w, [(a, b, _prefix(mask, (a, b))) for a, b in rows]))
+                    self.register_buffer(f"b{i}_{li}", lin.bias[order].detach().clone().unsqueeze(1))
+                    if li == 0:  # the context enters the initial layer's units
+                        ctx_w.append(made.context_layer.weight[order].detach())
+                        ctx_b.append(made.context_layer.bias[order].detach())
+                    prev = order
+                final = made.final_layer
+                n_par = final.out_features // features
+                w_out = _group_major((final.weight * final.mask)[:, prev], n_groups, n_par)
+                mask_out = _group_major(final.mask[:, prev], n_groups, n_par)
+                rows_out = [(g * n_par * size, (g + 1) * n_par * size) for g in range(n_groups)]
+                rows_out = [(a, b, _prefix(mask_out, (a, b))) for a, b in rows_out]
+                gemms.append(self._weights(f"w{i}_out", w_out, rows_out))
+                self.register_buffer(f"b{i}_out", _group_major(final.bias.unsqueeze(1), n_groups, n_par).clone())
+            self.gemms.append(gemms)
             self.n_blocks += 1
-        if spline is None or index is None or features is None:
+            self.n_groups, self.group_size = n_groups, size
+        if spline is None or index is None:
             raise TypeError("FastStudent: the flow has no spline blocks")
         self.features = features
         self.n_par = 3 * spline[0] - 1
@@ -98,8 +142,16 @@ class FastStudent(nn.Module):
         self.spline: Callable[..., torch.Tensor] = rq_spline_sample
         if matmul_dtype is not None:  # cast once: the weights and biases of every GEMM
             for name, buf in self.named_buffers():
-                if name.startswith(("w_", "b_")):
+                if name.startswith(("w", "b")):
                     setattr(self, name, buf.to(matmul_dtype))
+
+    def _weights(self, name: str, w: torch.Tensor, groups: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+        """Keeps each group's weights as their own contiguous matrix (``name_g``): bf16 GEMM kernels copy a
+        strided one on every call."""
+        for g, (a, b, c) in enumerate(groups):
+            if c:
+                self.register_buffer(f"{name}_{g}", w[a:b, :c].detach().clone())
+        return groups
 
     def compile(self) -> FastStudent:  # type: ignore[override]
         """Use the compiled spline from now on (plain eager stays the fallback: a new FastStudent)."""
@@ -116,22 +168,39 @@ class FastStudent(nn.Module):
         return self._sample(z, context)
 
     def _sample(self, z: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        # Feature-major state (D, B): the output GEMM then writes each spline parameter as one contiguous (D, B)
-        # slab, the layout rq_spline_sample runs fastest in. With matmul_dtype the activations stay in it from
-        # GEMM to GEMM (bias and ReLU included), and the spline reads its parameters in it.
+        # With matmul_dtype the activations stay in it from GEMM to GEMM (bias and ReLU included), and the spline
+        # reads its parameters in it.
         mm = self.matmul_dtype or z.dtype
-        h = self.hidden
+        h, n = self.hidden, z.shape[0]
+        g, size = self.n_groups, self.group_size
         ctx = torch.addmm(self.b_ctx, self.w_ctx, context.t().to(mm)).relu_()
         u = z.t().contiguous()
-        for i in range(self.n_blocks):
-            t = torch.addmm(getattr(self, f"b_in{i}"), getattr(self, f"w_in{i}"), u.to(mm))
-            t = t.add_(ctx[i * h : (i + 1) * h]).relu_()
-            for j in range(self.n_hidden):
-                t = torch.addmm(getattr(self, f"b_h{i}_{j}"), getattr(self, f"w_h{i}_{j}"), t).relu_()
-            p = torch.addmm(getattr(self, f"b_out{i}"), getattr(self, f"w_out{i}"), t)  # the spline reads bf16
-            u = self.spline(u, p.view(self.n_par, self.features, -1), self.bound, self.min_width,
-                            self.min_height, self.min_derivative)
+        for i, gemms in enumerate(self.gemms):
+            if self.gathers[i]:
+                u = u.index_select(0, getattr(self, f"gather{i}"))
+            t = u.to(mm)
+            for li, groups in enumerate(gemms[:-1]):
+                t = self._gemm(f"{i}_{li}", t, groups)
+                if li == 0:
+                    t.add_(ctx[i * h : (i + 1) * h])
+                t.relu_()
+            p = self._gemm(f"{i}_out", t, gemms[-1])
+            # p: (group, parameter, feature in group, batch) -> the spline's (parameter, group, feature, batch)
+            p = p.view(g, self.n_par, size, n).transpose(0, 1)
+            u = self.spline(u.view(g, size, n), p, self.bound, self.min_width, self.min_height,
+                            self.min_derivative).view(self.features, n)
         return u.index_select(0, self.out_index).t().contiguous()
+
+    def _gemm(self, name: str, x: torch.Tensor, groups: list[tuple[int, int, int]]) -> torch.Tensor:
+        """bias + W @ x as the block-triangular GEMM: rows a:b of the output read the first c rows of x only."""
+        bias = getattr(self, f"b{name}")
+        out = x.new_empty(groups[-1][1], x.shape[1])
+        for g, (a, b, c) in enumerate(groups):
+            if c:
+                torch.addmm(bias[a:b], getattr(self, f"w{name}_{g}"), x[:c], out=out[a:b])
+            else:
+                out[a:b] = bias[a:b]
+        return out
 
     sample = forward
 

@@ -185,34 +185,32 @@ def rq_spline_sample(
     Same formulas as :func:`_transform`, the same bin as nflows' search.
     """
     k = (params.shape[0] + 1) // 3
-    n = y.numel()
-    p = params.reshape(3 * k - 1, n)
-    yv = y.reshape(n)
-    wh = p[: 2 * k].reshape(2, k, n)
-    e = torch.sub(wh, wh.amax(dim=1, keepdim=True).to(y.dtype)).exp_()  # (2, K, n), in y's dtype
+    ones = (1,) * y.dim()  # broadcasting shape of a per-parameter constant
+    wh = params[: 2 * k].unflatten(0, (2, k))  # (2, K, *y.shape): a view, whatever params' strides
+    e = torch.sub(wh, wh.amax(dim=1, keepdim=True).to(y.dtype)).exp_()  # in y's dtype
     # cum[a, j] = sum_{i<j} e[a, i], j = 0..K: the unnormalised knots (a = 0: x from the widths, a = 1: y from the
     # heights); cum[a, K] is the softmax denominator. Knot j is f * cum[a, j] + 2 * bound * j * min - bound.
     if torch.compiler.is_compiling():  # the compiler refuses a non-contiguous out=; same values
         cum = torch.cat([torch.zeros_like(e[:, :1]), torch.cumsum(e, dim=1)], dim=1)
     else:
-        cum = torch.empty(2, k + 1, n, dtype=y.dtype, device=y.device)
+        cum = e.new_empty(2, k + 1, *y.shape)
         cum[:, 0].zero_()
         torch.cumsum(e, dim=1, out=cum[:, 1:])
-    mins = torch.tensor([min_width, min_height], dtype=y.dtype, device=y.device).view(2, 1)
-    f = cum[:, k].reciprocal().mul_((1 - mins * k) * (2 * bound))  # (2, n)
-    yc = yv.clamp(-bound, bound)
-    j = torch.arange(1, k, dtype=y.dtype, device=y.device).view(k - 1, 1)
-    knots_y = torch.addcmul(j * (2 * bound * min_height) - bound, cum[1, 1:k], f[1])  # inner y knots (K-1, n)
+    mins = torch.tensor([min_width, min_height], dtype=y.dtype, device=y.device).view(2, *ones)
+    f = cum[:, k].reciprocal().mul_((1 - mins * k) * (2 * bound))  # (2, *y.shape)
+    yc = y.clamp(-bound, bound)
+    j = torch.arange(1, k, dtype=y.dtype, device=y.device).view(k - 1, *ones)
+    knots_y = torch.addcmul(j * (2 * bound * min_height) - bound, cum[1, 1:k], f[1])  # inner y knots (K-1, ...)
     idx = (knots_y <= yc).sum(0)  # the bin, 0..K-1
-    both = torch.stack([idx, idx + 1])  # (2, n): its lower and upper knot
-    g = cum.gather(1, both.unsqueeze(0).expand(2, 2, n))  # (2, 2, n)
-    knot = torch.addcmul(both.to(y.dtype) * (2 * bound * mins.unsqueeze(-1)) - bound, g, f.unsqueeze(1))
+    both = torch.stack([idx, idx + 1])  # (2, ...): its lower and upper knot
+    g = cum.gather(1, both.unsqueeze(0).expand(2, *both.shape))  # (2, 2, ...)
+    knot = torch.addcmul(both.to(y.dtype) * (2 * bound * mins.unsqueeze(1)) - bound, g, f.unsqueeze(1))
     knot[:, 1].masked_fill_(idx == k - 1, bound)  # the outer knots pinned, as nflows pins them
     x_k, y_k = knot[0, 0], knot[1, 0]
     w, h = knot[0, 1] - x_k, knot[1, 1] - y_k
     # The outer knots' derivative is the linear tails' (as nflows: its softplus is 1 - min_derivative).
     edge = float(np.log(np.exp(1 - min_derivative) - 1))
-    ud = p[2 * k :].gather(0, torch.stack([idx - 1, idx]).clamp_(0, k - 2)).to(y.dtype)
+    ud = params[2 * k :].gather(0, torch.stack([idx - 1, idx]).clamp_(0, k - 2)).to(y.dtype)
     ud[0].masked_fill_(idx == 0, edge)
     ud[1].masked_fill_(idx == k - 1, edge)
     d = F.softplus(ud).add_(min_derivative)
@@ -225,4 +223,4 @@ def rq_spline_sample(
     c = -delta * dy
     theta = (2 * c) / (-b - torch.sqrt(b * b - 4 * a * c))
     out = theta.mul_(w).add_(x_k)
-    return torch.where((yv >= -bound) & (yv <= bound), out, yv).view(y.shape)
+    return torch.where((y >= -bound) & (y <= bound), out, y)

@@ -9,7 +9,7 @@ from pathlib import Path
 from hpc_calo.errors import run_cli
 from hpc_calo.flags import non_negative_int, number, positive_float, positive_int
 from hpc_calo.io.hdf5 import MAX_SHOWERS
-from hpc_calo.precision import PRECISION_HELP, PRECISIONS, add_renormalise_argument
+from hpc_calo.precision import PRECISION_HELP, PRECISIONS, add_compile_argument, add_renormalise_argument
 from hpc_calo.sample.backends import BACKENDS, sample
 from hpc_calo.sample.job import Launch, Output, SampleRequest
 from hpc_calo.sample.plan import Request
@@ -89,6 +89,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=PRECISIONS, default="float32", help=PRECISION_HELP)
     p.add_argument("--teachers", action="store_true", help="sample with the teacher flows even if students exist")
     add_renormalise_argument(p)
+    add_compile_argument(p)
     p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -112,6 +113,7 @@ def parse_request(argv: Sequence[str] | None = None) -> SampleRequest:
         dtype=args.dtype,
         students=False if args.teachers else None,
         renormalise=args.renormalise,
+        compile=args.compile,
         threads=args.threads,
     )
     output = Output(path=absolute["out"], parts_dir=absolute["parts_dir"], keep_parts=args.keep_parts,

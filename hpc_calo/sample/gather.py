@@ -58,7 +58,7 @@ def gather(
     e_buf = np.empty(rows, dtype=np.float64)
     s_buf = np.empty((rows, geo.n_voxels), dtype=np.float32)
     attrs = {"generator": "hpc-calo", "request_fingerprint": plan.fingerprint, "dataset": geo.name,
-             "renormalise": plan.request.renormalise}
+             "renormalise": plan.request.renormalise, "compile": plan.request.compile}
     bar = tqdm(total=plan.n, unit="shower", unit_scale=True, desc="gather", disable=not progress, mininterval=1)
     with CaloWriter(out, geo, n_total=plan.n, compression=compression, attrs=attrs) as writer:
         fill = 0

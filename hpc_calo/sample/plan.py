@@ -53,6 +53,7 @@ class Request:
     dtype: str = "float32"
     students: bool | None = None  # None: students where the run has them
     renormalise: bool = True  # each generated layer sums exactly to flow-1's energy (hpc_calo.generate.Chain)
+    compile: bool = False  # the students' spline under torch.compile (other last bits: part of the fingerprint)
     # torch CPU threads per worker: part of the request because matrix products round differently with
     # another thread count, so the same value everywhere is what makes CPU backends agree bit for bit.
     threads: int = 1
@@ -220,6 +221,7 @@ def make_plan(req: Request, geometry: Geometry, energy_range: tuple[float, float
         "dtype": req.dtype,
         "students": req.students,
         "renormalise": req.renormalise,
+        "compile": req.compile,
         "threads": req.threads if req.device == "cpu" else None,
         **source,
     }

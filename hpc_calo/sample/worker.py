@@ -36,7 +36,7 @@ def load_chain(req: Request, device: str | None = None) -> Any:
     rundir.require_run(req.run_dir)
     dtype, matmul_dtype = resolve(req.dtype)
     return Chain.load(req.run_dir, device=device, dtype=dtype, students=req.students, matmul_dtype=matmul_dtype,
-                      renormalise=req.renormalise)
+                      renormalise=req.renormalise, compile=req.compile)
 
 
 def _host() -> str:
