@@ -40,7 +40,7 @@ _TIME = re.compile(r"\d{1,5}:\d{2}:\d{2}")
 # Training budgets and epochs may grow (a re-run extends training); resources, devices and thread counts may
 # change.
 REQUEST_FIELDS = ("dataset", "data", "reference", "synthetic", "showers", "preset", "seed", "val_fraction", "dtype",
-                  "sample_dtype", "noise_kev")
+                  "sample_dtype", "sample_compile", "noise_kev")
 
 
 @dataclass
@@ -114,6 +114,7 @@ class PipelineConfig:
     device: str | None = None
     dtype: str = "float32"  # model precision of training and sampling: float32 or float64
     sample_dtype: str | None = None  # production precision (adds bf16); None: dtype
+    sample_compile: bool = False  # production with the students' spline under torch.compile (hpc_calo.sample)
     amp: str = "off"  # GPU training mixed precision: off, tf32 or bf16 (never on a CPU)
     noise_kev: float | None = None  # the teachers' dequantisation noise width; None: the preset's
     threads: int | None = None  # torch CPU threads per process; None: each command's default

@@ -148,7 +148,7 @@ def _sample_steps(cfg: PipelineConfig, where: Where) -> list[Step]:
     backend = "mpi" if where.mpi else cfg.sample_backend
     request = Request(run_dir=cfg.path("run"), n=cfg.showers or _reference_size(cfg), seed=cfg.seed,
                       energies=cfg.reference_file(), device=cfg.compute_device,
-                      dtype=cfg.sample_dtype or cfg.dtype, threads=_threads(cfg, 1))
+                      dtype=cfg.sample_dtype or cfg.dtype, compile=cfg.sample_compile, threads=_threads(cfg, 1))
     launch = Launch(backend=backend, workers=None if backend == "mpi" else cfg.sample_workers,
                     address=where.address if backend == "ray" else None)
     return [Step(sample, SampleRequest(request, Output(out), launch))]

@@ -89,6 +89,9 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
                         "--gpus-per-node > 0, else cpu)")
     p.add_argument("--dtype", choices=("float32", "float64"), help="model precision of training and sampling")
     p.add_argument("--sample-dtype", choices=PRECISIONS, help="production precision (default: --dtype)")
+    p.add_argument("--sample-compile", action="store_true", default=None,
+                   help="production with the students' spline under torch.compile (hpc_calo.sample --compile): "
+                        "faster on the CPU after a one-time compilation per worker")
     p.add_argument("--amp", choices=("off", "tf32", "bf16"), help="GPU training mixed precision (default off)")
     p.add_argument("--noise-kev", type=noise_kev, metavar="KEV",
                    help="width of the teachers' uniform dequantisation noise, keV (default: the preset's: 0.5 for "
@@ -146,9 +149,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[PipelineConfig, dict[str
     flags: dict[str, Any] = {
         k: getattr(args, k) for k in ("dataset", "out", "data", "synthetic", "reference", "data_dir", "showers",
                                       "preset", "epochs", "eval_epochs", "eval_metrics", "eval_plots", "workers",
-                                      "prep_ranks", "sample_backend",
-                                      "sample_workers", "seed", "device", "dtype", "sample_dtype", "amp", "threads",
-                                      "jobs", "noise_kev")
+                                      "prep_ranks", "sample_backend", "sample_workers", "seed", "device", "dtype",
+                                      "sample_dtype", "sample_compile", "amp", "threads", "jobs", "noise_kev")
     }
     flags["budget"] = dict(args.budget) if args.budget else None
     flags["resources"] = {k: getattr(args, k) for k in ("nodes", "gpus_per_node", "cpus_per_task", "partition",

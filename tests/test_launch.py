@@ -396,6 +396,7 @@ USES = {
     "eval_epochs": ("epochs", 4, {"evaluate"}),
     "workers": ("workers", 2, {"teacher", "student"}),
     "sample_workers": ("workers", 5, {"sample"}),
+    "sample_compile": ("compile", True, {"sample"}),
     "eval_metrics": ("metrics", ("hist", "cls-low"), {"evaluate"}),
     "eval_plots": ("plots", False, {"evaluate"}),
     "noise_kev": ("noise_kev", 0.5, {"teacher"}),
