@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -155,7 +156,8 @@ def test_noise_width_flag_reaches_the_model_file_resume_and_student(store: Path,
     assert load_flow_model(rundir.weights(run, 2, student=True)).noise_mev == 5e-4  # the teacher's
 
 
-def test_step_budget_and_extending_a_finished_run(store: Path, tmp_path: Path) -> None:
+def test_step_budget_and_extending_a_finished_run(store: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """A steps budget ends mid-epoch; re-running with a larger budget continues the same run instead of refusing."""
     def run(**budget: float) -> dict:
         cfg = TrainConfig(**{"epochs": 1, **budget}, batch_size=256, max_lr=3e-3, log_every=100)
@@ -172,12 +174,15 @@ def test_step_budget_and_extending_a_finished_run(store: Path, tmp_path: Path) -
     told = done(steps=9)
     assert told is not None and {k: told[k] for k in ("global_step", "epochs", "best_val", "stopped")} == {
         k: first[k] for k in ("global_step", "epochs", "best_val", "stopped")}
-    assert done(steps=15) is None  # a larger budget: work left
-    extended = run(steps=15)
-    assert extended["global_step"] == 15
+    assert done(steps=16) is None  # a larger budget: work left
+    capsys.readouterr()
+    extended = run(steps=16)
+    assert extended["global_step"] == 16
+    # the 7 steps left run as 2 more epochs (the budget of 9 closed the second one early): "epoch 4/4", not 4/3
+    assert re.findall(r"epoch (\d+)/(\d+) train", capsys.readouterr().err) == [("3", "4"), ("4", "4")]
     ck = load_checkpoint(rundir.checkpoint_in(tmp_path))
-    assert ck["total_steps"] == 15 and ck["budget"]["steps"] == 15
-    assert ck["scheduler"]["total_steps"] == 15 and ck["scheduler"]["last_epoch"] == 15
+    assert ck["total_steps"] == 16 and ck["budget"]["steps"] == 16
+    assert ck["scheduler"]["total_steps"] == 16 and ck["scheduler"]["last_epoch"] == 16
     assert run(epochs=3)["global_step"] == 18  # a budget in another unit extends the same way
 
 

@@ -114,9 +114,10 @@ class _Progress:
     """One line per interval on rank 0: loss, learning rate, samples/s, ETA; and the metrics.jsonl log."""
 
     def __init__(self, cfg: TrainConfig, out_dir: Path, enabled: bool, total_steps: int, start_step: int,
-                 steps_per_epoch: int) -> None:
+                 steps_per_epoch: int, start_epoch: int = 0, start_in_epoch: int = 0) -> None:
         self.cfg, self.enabled, self.total, self.start_step = cfg, enabled, total_steps, start_step
         self.steps_per_epoch = steps_per_epoch
+        self.start_epoch, self.start_in_epoch = start_epoch, start_in_epoch
         self.path = rundir.metrics_in(out_dir)
         self.t0 = time.perf_counter()
         self.samples = 0
@@ -126,6 +127,12 @@ class _Progress:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def epochs(self, total_steps: int) -> int:
+        """Epochs the run ends in: a budget that ended mid-epoch closed that epoch, so an extended run's epochs
+        count from where it resumed, not from step 0."""
+        left = total_steps - self.start_step + self.start_in_epoch
+        return self.start_epoch + _epochs(left, self.steps_per_epoch)
 
     def step(self, epoch: int, global_step: int, loss: float, lr: float, samples: int) -> None:
         self.samples += samples
@@ -139,7 +146,7 @@ class _Progress:
         self.write({"event": "step", "epoch": epoch, "step": global_step, "loss": loss, "lr": lr,
                     "samples_per_s": rate})
         print(
-            f"[{self.cfg.name}] epoch {epoch + 1}/{_epochs(self.total, self.steps_per_epoch)} "
+            f"[{self.cfg.name}] epoch {epoch + 1}/{self.epochs(self.total)} "
             f"step {global_step}/{self.total} "
             f"loss {loss:.4f} lr {lr:.2e} {rate:,.0f} samples/s ETA {_hms(eta)}",
             file=sys.stderr,
@@ -345,7 +352,7 @@ def _fit(model: nn.Module, train_loader: Any, val_loader: Any, cfg: TrainConfig,
     else:
         seed_all(_derived_seed(cfg.seed, rank))
 
-    progress = _Progress(cfg, out_dir, is_rank0, total_steps, global_step, steps_per_epoch)
+    progress = _Progress(cfg, out_dir, is_rank0, total_steps, global_step, steps_per_epoch, epoch, step_in_epoch)
     progress.write({"event": "start", "step": global_step, "torch_threads": threads})
     t_start, cpu_start = time.perf_counter(), time.process_time()
     skipped = 0
@@ -441,7 +448,7 @@ def _fit(model: nn.Module, train_loader: Any, val_loader: Any, cfg: TrainConfig,
                    "elapsed_s": time.perf_counter() - t_start}
         progress.write({"event": "epoch", **metrics})
         if is_rank0:
-            print(f"[{cfg.name}] epoch {epoch}/{_epochs(total_steps, steps_per_epoch)} train {train_loss:.4f} "
+            print(f"[{cfg.name}] epoch {epoch}/{progress.epochs(total_steps)} train {train_loss:.4f} "
                   f"val {last_val:.4f} best {best_val:.4f}{' *' if improved else ''}", file=sys.stderr, flush=True)
         if report is not None:
             report(metrics)
