@@ -44,8 +44,6 @@ def _group_major(rows: torch.Tensor, groups: int, n_par: int) -> torch.Tensor:
     return rows.reshape(groups, -1, n_par, rows.shape[-1]).transpose(1, 2).reshape(rows.shape)
 
 
-
-
 class FastStudent(nn.Module):
     """z -> x for one IAF student, built once from the trained nflows flow (the weights are copied).
 
@@ -128,16 +126,16 @@ class FastStudent(nn.Module):
                 self.register_buffer(f"b{i}_out", _group_major(final.bias.unsqueeze(1), n_groups, n_par).clone())
             self.gemms.append(gemms)
             self.n_blocks += 1
-            self.n_groups, self.group_size = n_groups, size
         if spline is None or index is None:
             raise TypeError("FastStudent: the flow has no spline blocks")
-        self.features = features
+        self.features, self.n_groups, self.group_size = features, n_groups, size
         self.n_par = 3 * spline[0] - 1
         self.bins, self.bound, self.min_width, self.min_height, self.min_derivative = spline
         self.hidden = ctx_w[0].shape[0]
         self.register_buffer("w_ctx", torch.cat(ctx_w).clone())
         self.register_buffer("b_ctx", torch.cat(ctx_b).clone().unsqueeze(1))
-        self.register_buffer("out_index", index.clone())
+        # A student ends with a block, so its output is in that block's order: no gather unless a flow ends otherwise.
+        self.register_buffer("out_index", None if torch.equal(index, torch.arange(features)) else index.clone())
         self.matmul_dtype = matmul_dtype
         self.spline: Callable[..., torch.Tensor] = rq_spline_sample
         if matmul_dtype is not None:  # cast once: the weights and biases of every GEMM
@@ -189,7 +187,9 @@ class FastStudent(nn.Module):
             p = p.view(g, self.n_par, size, n).transpose(0, 1)
             u = self.spline(u.view(g, size, n), p, self.bound, self.min_width, self.min_height,
                             self.min_derivative).view(self.features, n)
-        return u.index_select(0, self.out_index).t().contiguous()
+        if self.out_index is not None:
+            u = u.index_select(0, self.out_index)
+        return u.t().contiguous()
 
     def _gemm(self, name: str, x: torch.Tensor, groups: list[tuple[int, int, int]]) -> torch.Tensor:
         """bias + W @ x as the block-triangular GEMM: rows a:b of the output read the first c rows of x only."""

@@ -176,12 +176,14 @@ def rq_spline_sample(
     y: torch.Tensor, params: torch.Tensor, bound: float, min_width: float = MIN_BIN_WIDTH,
     min_height: float = MIN_BIN_HEIGHT, min_derivative: float = MIN_DERIVATIVE,
 ) -> torch.Tensor:
-    """The inverse spline of :func:`rq_spline` (outputs only), for sampling: ``params`` is (3K-1, *y.shape).
+    """The inverse spline of :func:`rq_spline` (outputs only), for sampling: ``params`` is (3K-1, *y.shape), any
+    strides (FastStudent passes a permuted view of its grouped GEMM output; nothing is copied).
 
-    Parameter-first: each parameter is one contiguous slab the size of ``y`` (FastStudent's GEMMs write them so),
-    so every op runs on contiguous memory. ``params`` may be of a lower precision than ``y`` (bf16 GEMM outputs):
-    they are read as they are and the spline is computed in ``y``'s dtype. Written for few passes over memory:
-    the softmax is normalised only where it is used (the y knots, for the bin search, and the gathered knots).
+    Parameter-first: each parameter is a slab the shape of ``y`` whose rows are contiguous (FastStudent's GEMMs
+    write them so), so every op runs on contiguous rows. ``params`` may be of a lower precision than ``y`` (bf16
+    GEMM outputs): they are read as they are and the spline is computed in ``y``'s dtype. Written for few passes
+    over memory: the softmax is normalised only where it is used (the y knots, for the bin search, and the
+    gathered knots).
     Same formulas as :func:`_transform`, the same bin as nflows' search.
     """
     k = (params.shape[0] + 1) // 3
