@@ -166,12 +166,9 @@ class Chain:
         return self._voxels(x, layer_e[:, n])
 
     def _voxels(self, x: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
-        if not self.renormalise:
-            return apply_threshold(pp.decode_shape(x, energy))
-        # Shape normalised first, so that the cut only removes energy and the rescaling after it only scales up:
-        # no voxel is pushed back below the threshold.
-        layer = apply_threshold(pp.denormalise(pp.normalise(pp.inverse_logit(x))[0], energy))
-        return pp.rescale(layer, energy)
+        if self.renormalise:
+            return pp.decode_shape_renormalised(x, energy)
+        return apply_threshold(pp.decode_shape(x, energy))
 
     @torch.no_grad()
     def _sample_rows(self, e_inc: torch.Tensor, noise: _RowNoise) -> torch.Tensor:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from hpc_calo.geometry import N_LAYERS
+from hpc_calo.geometry import N_LAYERS, apply_threshold
 
 NOISE_MEV = 5.0e-3  # dequantisation noise width: 5 keV, the reference's noise_level
 E_NORM_MEV = 6.5e4  # layer energies are encoded relative to 65 GeV (just above the largest DS2/DS3 layer)
@@ -133,16 +133,31 @@ def encode_shape(layer: torch.Tensor, generator: torch.Generator | None = None, 
 
 def decode_shape(y: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
     """Flow output (B, V) -> voxel energies (MeV) for layer energies ``energy`` (B,), as the reference does: the
-    inverse-logit shape times the energy, not renormalised (see :func:`rescale`)."""
+    inverse-logit shape times the energy, not renormalised (see :func:`decode_shape_renormalised`)."""
     return denormalise(inverse_logit(y), energy)
 
 
 def rescale(layer: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
-    """Scale each (thresholded) layer (B, V) to sum exactly to ``energy`` (B,); an empty layer stays empty.
-
-    Applied after the readout threshold, like the layer energies flow-1 learnt (sums of thresholded voxels): a
-    shape flow's error then moves energy between voxels but never changes E_layer or E_tot.
-    """
+    """Scale each (thresholded) layer (B, V) to sum exactly to ``energy`` (B,); an empty layer stays empty."""
     total = layer.sum(dim=-1, keepdim=True)
     return torch.where(total > 0, layer * (energy.unsqueeze(-1) / total.clamp_min(1e-30)), layer)
 
+
+def decode_shape_renormalised(y: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+    """Flow output (B, V) -> thresholded voxel energies (MeV) summing exactly to ``energy`` (B,).
+
+    The cut is made on the shape times the energy, unnormalised: the flows model (e + u) / (E + sum u), so that
+    product is the energy each voxel was meant to carry. Normalising first would inflate a sample whose fractions
+    all sit at the noise level (the flow's "no voxel hit" failure, common in sparse layers) into a layer with
+    every voxel lit. The survivors are then scaled to the layer energy, which moves energy between voxels but never
+    changes E_layer or E_tot. A second cut catches voxels a scale-down pushed under the threshold; its rescaling
+    only scales up. A layer with energy but no voxel left keeps the flow's most probable voxel: in the data, a
+    layer has energy only if one of its voxels passed the threshold.
+    """
+    raw = inverse_logit(y)
+    layer = raw * energy.unsqueeze(-1)
+    for _ in range(2):
+        layer = rescale(apply_threshold(layer), energy)
+    lost = (layer.sum(dim=-1) <= 0) & (energy > 0)
+    hot = torch.zeros_like(layer).scatter_(-1, raw.argmax(dim=-1, keepdim=True), energy.unsqueeze(-1))
+    return torch.where(lost.unsqueeze(-1), hot, layer)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hpc_calo import preprocess as pp
-from hpc_calo.geometry import apply_threshold
+from hpc_calo.geometry import THRESHOLD_MEV, apply_threshold
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -65,6 +65,24 @@ def test_shape_encoding_decodes_to_layer_energies() -> None:
     torch.testing.assert_close(rescaled.sum(-1), energy)  # a wrong shape keeps the layer energy
     assert torch.equal(rescaled > 0, wrong > 0)  # and its sparsity
     assert torch.equal(pp.rescale(torch.zeros(2, 144), torch.ones(2)), torch.zeros(2, 144))  # empty stays empty
+
+
+def test_renormalised_decoding_cuts_before_scaling_and_keeps_a_voxel() -> None:
+    thr = THRESHOLD_MEV
+    energy = torch.tensor([13.0, 13.0, 13.0, 0.0], dtype=torch.float64)
+    shape = torch.full((4, 144), 1e-5, dtype=torch.float64)  # every voxel at the noise level: "no voxel hit"
+    shape[0, 7] = 0.98
+    shape[1, 9] = 2e-5  # row 1 stays a no-hit sample: its most probable voxel takes the energy
+    shape[2, :3] = torch.tensor([0.7, 0.6, 0.0012])  # fractions summing past 1: scaled down, 0.0012 * E falls under
+    layer = pp.decode_shape_renormalised(pp.logit(shape), energy)
+    torch.testing.assert_close(layer.sum(-1), energy)
+    assert torch.all((layer == 0) | (layer >= thr))
+    assert (layer[0] > 0).nonzero().flatten().tolist() == [7]  # the noise-level voxels are cut, not inflated
+    assert (layer[1] > 0).nonzero().flatten().tolist() == [9]
+    assert (layer[2] > 0).nonzero().flatten().tolist() == [0, 1]
+    assert not layer[3].any()
+    # Normalising first would have lit every voxel of the no-hit row.
+    assert (apply_threshold(pp.denormalise(pp.normalise(shape)[0], energy))[1] > 0).all()
 
 
 def test_noise_is_fresh_bounded_and_reproducible() -> None:
