@@ -43,13 +43,16 @@ MODEL_VERSION = 1
 
 
 def flow_meta(flow: int, geometry: Geometry, spec: FlowSpec, student: bool, preset: str,
-              energies: str = "absolute", noise_mev: float = pp.NOISE_MEV) -> dict[str, Any]:
+              energies: str = "absolute", noise_mev: float = pp.NOISE_MEV,
+              nonempty_targets: bool = True) -> dict[str, Any]:
     meta = {"kind": "flow", "flow": flow, "student": student, "dataset": geometry.name, "preset": preset,
             "spec": asdict(spec)}
     if flow == 1:  # only flow-1 models the layer energies
         meta["energies"] = energies
     if noise_mev != pp.NOISE_MEV:  # only when set: files and checkpoints made before the choice existed still match
         meta["noise_mev"] = noise_mev
+    if flow == 3 and nonempty_targets and not student:
+        meta["targets"] = "nonempty"
     return meta
 
 
@@ -58,7 +61,7 @@ class FlowModel(nn.Module):
 
     def __init__(
         self, flow: int, geometry: Geometry, spec: FlowSpec, student: bool = False, preset: str = "custom",
-        energies: str = "absolute", noise_mev: float = pp.NOISE_MEV,
+        energies: str = "absolute", noise_mev: float = pp.NOISE_MEV, nonempty_targets: bool = True,
     ) -> None:
         super().__init__()
         if flow not in FLOWS:
@@ -74,6 +77,9 @@ class FlowModel(nn.Module):
         if not 0.0 < noise_mev < pp.E_NORM_MEV:
             raise UserError(f"dequantisation noise width must be positive (MeV), not {noise_mev}")
         self.noise_mev = float(noise_mev)
+        # Flow-3 learns only the pairs whose layer n has energy: an empty layer is empty whatever shape is drawn for
+        # it, and its noise-only shape would teach the flow a diffuse mode (models saved before: every pair).
+        self.nonempty_targets = nonempty_targets and flow == 3 and not student
         self.flow = build_iaf(spec) if student else build_maf(spec)
 
     @classmethod
@@ -94,9 +100,17 @@ class FlowModel(nn.Module):
 
     def meta(self) -> dict[str, Any]:
         """What identifies this model; a checkpoint with different meta must not be resumed into it."""
-        return flow_meta(self.k, self.geometry, self.spec, self.student, self.preset, self.energies, self.noise_mev)
+        return flow_meta(self.k, self.geometry, self.spec, self.student, self.preset, self.energies, self.noise_mev,
+                         self.nonempty_targets)
 
     # ---- preprocessing -------------------------------------------------------------------------------------
+
+    def select(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The rows of a raw loader batch this flow learns from (flow-3: the pairs whose layer n has energy)."""
+        if not self.nonempty_targets:
+            return batch
+        keep = batch["e_cur"].reshape(-1) > 0
+        return {key: t[keep] for key, t in batch.items()}
 
     def inputs(
         self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
@@ -165,7 +179,8 @@ class FlowModel(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean negative log-likelihood of a raw batch (what the training loop minimises)."""
         x, c = self.inputs(batch)
-        return -self.log_prob(x, c).mean()
+        lp = self.log_prob(x, c)
+        return -(lp.mean() if len(lp) else lp.sum())  # a batch without a row to learn from: zero loss, not NaN
 
     def from_latent(self, z: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Map base-distribution samples z (B, F) to x (B, F): one pass for a student, F passes for a MAF."""
@@ -204,7 +219,8 @@ def load_flow_model(
     if flow is not None and obj["flow"] != flow:
         raise UserError(f"{path}: model is flow-{obj['flow']}, not flow-{flow}")
     model = FlowModel(obj["flow"], get_geometry(obj["dataset"]), FlowSpec(**obj["spec"]), obj["student"], obj["preset"],
-                      obj.get("energies", "absolute"), obj.get("noise_mev", pp.NOISE_MEV))
+                      obj.get("energies", "absolute"), obj.get("noise_mev", pp.NOISE_MEV),
+                      nonempty_targets=obj.get("targets") == "nonempty")
     try:
         model.load_state_dict(obj["state_dict"])
     except RuntimeError as err:

@@ -32,7 +32,7 @@ def diagnose(teacher: FlowModel, student: FlowModel, batches: Iterable[Mapping[s
     xs, cs = [], []
     rows = 0
     for batch in batches:
-        x, c = teacher.inputs(dict(batch))
+        x, c = teacher.inputs(teacher.select(dict(batch)))
         xs.append(x)
         cs.append(c)
         rows += len(x)

@@ -93,6 +93,11 @@ class DistillModel(nn.Module):
         self.teacher.eval()  # frozen: no dropout, whatever the loop asks
         return self
 
+    def select(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The teacher's rows: the student learns the conditions its teacher was trained on."""
+        select = getattr(self.teacher, "select", None)
+        return select(batch) if callable(select) else batch
+
     def meta(self) -> dict[str, Any]:
         """Identity checked on resume: the student's, plus the teacher it distils and the PDD settings."""
         base = self.student.meta() if callable(getattr(self.student, "meta", None)) else {}

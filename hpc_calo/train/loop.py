@@ -2,8 +2,9 @@
 
 It knows nothing about flows: ``model(batch)`` returns the loss. ``model`` may be a DDP wrapper; the raw
 module (``getattr(model, "module", model)``) is what is saved. Optional hooks on the raw module:
-``meta() -> dict`` (identity checked on resume) and ``save(path)`` (writes ``best.pt``; default: a dict with
-its state_dict).
+``meta() -> dict`` (identity checked on resume), ``save(path)`` (writes ``best.pt``; default: a dict with
+its state_dict) and ``select(batch) -> batch`` (the rows the loss is taken over; their count weighs the batch in the
+epoch's mean).
 
 Exact resume: ``checkpoint.pt`` holds model, optimiser, scheduler, epoch, step within the epoch, global
 step, best validation loss and every rank's RNG states. The train loader must replay an epoch identically
@@ -63,6 +64,11 @@ def to_device(batch: Mapping[str, torch.Tensor], device: torch.device, dtype: to
     }
 
 
+def _selector(module: nn.Module) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    select = getattr(module, "select", None)
+    return select if callable(select) else (lambda b: b)
+
+
 def _rows(batch: Mapping[str, torch.Tensor]) -> int:
     return int(next(iter(batch.values())).shape[0])
 
@@ -101,8 +107,9 @@ def evaluate(module: nn.Module, loader: Iterable[Mapping[str, torch.Tensor]] | N
     fork = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork):
         torch.manual_seed(seed)
+        select = _selector(module)
         for batch in loader:
-            b = to_device(batch, device, dtype)
+            b = select(to_device(batch, device, dtype))
             n = _rows(b)
             total += float(module(b)) * n
             count += n
@@ -299,6 +306,7 @@ def _fit(model: nn.Module, train_loader: Any, val_loader: Any, cfg: TrainConfig,
     if raw is model:
         model.to(device=device, dtype=dtype)
     meta = raw.meta() if callable(getattr(raw, "meta", None)) else {}
+    select = _selector(raw)
 
     steps_per_epoch = len(train_loader)
     if steps_per_epoch < 1:
@@ -393,7 +401,7 @@ def _fit(model: nn.Module, train_loader: Any, val_loader: Any, cfg: TrainConfig,
                 continue
             if before_step is not None:
                 before_step(global_step)
-            b = to_device(batch, device, dtype)
+            b = select(to_device(batch, device, dtype))
             rows = _rows(b)
             with autocast:
                 loss = model(b)
