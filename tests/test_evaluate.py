@@ -288,3 +288,6 @@ def test_cls_boost_sees_a_ten_percent_scale_error_at_2000_showers(synthetic) -> 
     plan = SplitPlan.make(2000, ClassifierConfig(seed=0))
     assert boost_score(scaled, ref, plan, seed=0)["auc"] > 0.9
     assert abs(boost_score(same, ref, plan, seed=0)["auc"] - 0.5) < 0.06
+    # One feature group at a time points at what differs: the energies, not the (unchanged) shapes.
+    assert boost_score(scaled, ref, plan, seed=0, group="energies")["auc"] > 0.9
+    assert abs(boost_score(scaled, ref, plan, seed=0, group="widths")["auc"] - 0.5) < 0.06

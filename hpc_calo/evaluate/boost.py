@@ -6,7 +6,8 @@ no input scaling and few examples. Inputs: log10 E_inc, then every energy relati
 E_layer / E_inc and E_tot / E_inc, so that a scale error is one threshold away), and the official shape
 features (centres, widths, sparsity). Same splits as the DNN test (``SplitPlan``): train on train, keep the
 iteration count picked by early stopping on an internal slice of train, calibrate isotonically on test, report
-AUC and JSD on validation.
+AUC and JSD on validation. The same classifier on one feature group at a time (each with log10 E_inc) says which
+features give a sample away.
 """
 
 from __future__ import annotations
@@ -20,6 +21,24 @@ from hpc_calo.evaluate.features import Features
 
 MAX_ITER = 300
 LEARNING_RATE = 0.1
+SHAPES = ("ec_eta", "ec_phi", "width_eta", "width_phi", "sparsity", "ec_r", "width_r")
+
+
+def _columns() -> dict[str, np.ndarray]:
+    """Columns of ``boost_inputs`` per feature group, each group led by log10 E_inc (column 0)."""
+    n = 45
+    block = {k: 1 + n + 1 + i * n + np.arange(n) for i, k in enumerate(SHAPES)}
+    groups = {
+        "energies": np.arange(1, n + 2),
+        "centres": np.r_[block["ec_eta"], block["ec_phi"]],
+        "widths": np.r_[block["width_eta"], block["width_phi"]],
+        "radial": np.r_[block["ec_r"], block["width_r"]],
+        "sparsity": block["sparsity"],
+    }
+    return {k: np.r_[0, v] for k, v in groups.items()}
+
+
+GROUPS = _columns()
 
 
 def boost_inputs(f: Features) -> np.ndarray:
@@ -29,14 +48,17 @@ def boost_inputs(f: Features) -> np.ndarray:
         np.log10(f.e_inc)[:, None],
         np.log10(rel + 1e-8),
         np.log10(f.e_tot / f.e_inc + 1e-8)[:, None],
-        *(f.layer[k] for k in ("ec_eta", "ec_phi", "width_eta", "width_phi", "sparsity", "ec_r", "width_r")),
+        *(f.layer[k] for k in SHAPES),
     ]
     return np.concatenate(cols, axis=1).astype(np.float32)
 
 
-def boost_score(gen: Features, ref: Features, plan: SplitPlan, seed: int) -> dict[str, object]:
-    """Train, calibrate and score the boosted classifier (GEN label 0, REF 1) on the plan's splits."""
-    rows = {0: boost_inputs(gen)[: plan.n_per_class], 1: boost_inputs(ref)[: plan.n_per_class]}
+def boost_score(gen: Features, ref: Features, plan: SplitPlan, seed: int,
+                group: str | None = None) -> dict[str, object]:
+    """Train, calibrate and score the boosted classifier (GEN label 0, REF 1) on the plan's splits; ``group``: on
+    that feature group of ``GROUPS`` only."""
+    cols = slice(None) if group is None else GROUPS[group]
+    rows = {0: boost_inputs(gen)[: plan.n_per_class, cols], 1: boost_inputs(ref)[: plan.n_per_class, cols]}
     x = {s: np.empty((2 * plan.sizes[s], rows[0].shape[1]), np.float32) for s in SPLITS}
     for cls in (0, 1):
         for s_idx, split in enumerate(SPLITS):

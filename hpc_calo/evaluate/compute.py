@@ -18,7 +18,7 @@ from hpc_calo.atomic import atomic_path
 from hpc_calo.cpus import torch_threads
 from hpc_calo.errors import UserError
 from hpc_calo.evaluate import plots
-from hpc_calo.evaluate.boost import boost_score
+from hpc_calo.evaluate.boost import GROUPS, boost_score
 from hpc_calo.evaluate.classifier import ClassifierConfig, ClassifierData, LowLevelWriter, SplitPlan, train_and_score
 from hpc_calo.evaluate.config import EvaluateRequest
 from hpc_calo.evaluate.distances import FPDConfig, KPDConfig, fpd, kpd
@@ -178,6 +178,7 @@ def run(cfg: EvaluateRequest, geo: Geometry) -> dict[str, object]:
             assert plan is not None
             t = time.perf_counter()
             report["cls_boost"] = boost_score(gen_f, ref_f, plan, cfg.seed)
+            report["cls_boost"]["groups"] = {g: boost_score(gen_f, ref_f, plan, cfg.seed, g)["auc"] for g in GROUPS}
             timings["cls_boost_s"] = time.perf_counter() - t
         if "fpd" in cfg.metrics:
             t = time.perf_counter()

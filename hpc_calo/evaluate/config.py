@@ -15,7 +15,7 @@ METRIC_HELP = {
     "cls-low": "DNN classifier on the voxels (log10 E_inc and voxels / E_inc), AUC and JSD",
     "cls-high": "DNN classifier on the 362 high-level features, AUC and JSD",
     "cls-boost": "gradient-boosted trees on the high-level features with energies relative to E_inc: sees what the "
-    "official DNN tests miss at a few thousand showers; AUC and JSD",
+    "official DNN tests miss at a few thousand showers; AUC and JSD, and the AUC on each feature group alone",
     "fpd": "Frechet and kernel physics distances (FPD, KPD) on the 362 high-level features",
 }
 

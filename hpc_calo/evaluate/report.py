@@ -34,6 +34,9 @@ def _headline(r: dict) -> list[str]:
         c = r["cls_boost"]
         lines.append(f"| classifier cls-boost (gradient-boosted trees, high-level): AUC / JSD (calibrated) | "
                      f"{c['auc']:.4f} / {c['jsd']:.4f} ({c['iterations']} trees) |")
+        if "groups" in c:
+            per = ", ".join(f"{g} {auc:.3f}" for g, auc in c["groups"].items())
+            lines.append(f"| cls-boost on one feature group at a time (with E_inc): AUC | {per} |")
     if "fpd" in r:
         lines.append(f"| FPD x 10^3 | {1e3 * r['fpd']['value']:.4f} ± {1e3 * r['fpd']['error']:.4f} |")
         lines.append(f"| KPD x 10^3 | {1e3 * r['kpd']['value']:.4f} ± {1e3 * r['kpd']['error']:.4f} |")
