@@ -84,11 +84,11 @@ class FlowModel(nn.Module):
 
     @classmethod
     def from_preset(cls, flow: int, geometry: Geometry, preset: str, student: bool = False,
-                    noise_mev: float | None = None) -> FlowModel:
+                    noise_mev: float | None = None, nonempty_targets: bool = True) -> FlowModel:
         """``noise_mev`` None: the preset's noise width."""
         p = get_preset(preset)
         return cls(flow, geometry, p.spec(flow, geometry, student), student, preset, p.energies,
-                   p.noise_mev if noise_mev is None else noise_mev)
+                   p.noise_mev if noise_mev is None else noise_mev, nonempty_targets)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -19,7 +19,7 @@ from hpc_calo.geometry import DS2
 from hpc_calo.models import FlowModel, load_flow_model
 from hpc_calo.train import TrainConfig, fit
 from hpc_calo.train.__main__ import main as train_main
-from hpc_calo.train.checkpoint import load_checkpoint
+from hpc_calo.train.checkpoint import load_checkpoint, save_checkpoint
 from hpc_calo.train.loop import finished
 
 KINDS = {1: "energies", 2: "layer0", 3: "pairs"}
@@ -154,6 +154,37 @@ def test_noise_width_flag_reaches_the_model_file_resume_and_student(store: Path,
     assert distill_main(["--run", str(run), "--flow", "2", "--steps", "1", "--diagnostic-samples", "0",
                          "--threads", "1"]) == 0
     assert load_flow_model(rundir.weights(run, 2, student=True)).noise_mev == 5e-4  # the teacher's
+
+
+def test_flow3_learns_nonempty_targets_and_an_older_run_resumes_on_every_pair(
+        store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    train, _ = loaders(store, 3)
+    batch = next(iter(train))
+    empty = batch["e_cur"] == 0
+    assert empty.any() and not empty.all()  # the synthetic showers end before layer 44
+    m = model(3)
+    assert m.nonempty_targets and torch.equal(m.select(batch)["cur"], batch["cur"][~empty])
+    assert not model(2).nonempty_targets and model(2).select(batch) is batch
+    assert load_flow_model(_saved(m, tmp_path)).nonempty_targets  # kept in the model file
+
+    run = tmp_path / "run"
+    base = ["--flow", "3", "--preset", "tiny", "--store", str(store), "--out", str(run), "--threads", "1"]
+    assert _cli([*base, "--steps", "2"], capsys)[0] == 0
+    ckpt = rundir.checkpoint_in(rundir.flow_dir(run, 3, False))
+    state = load_checkpoint(ckpt)
+    assert state["meta"]["targets"] == "nonempty"
+    del state["meta"]["targets"]  # a checkpoint from before the choice: it trained on every pair
+    save_checkpoint(ckpt, state)
+    code, err = _cli([*base, "--steps", "3"], capsys)
+    assert code == 0, err  # extended, not refused
+    assert "targets" not in load_checkpoint(ckpt)["meta"]
+    assert not load_flow_model(rundir.weights(run, 3)).nonempty_targets
+
+
+def _saved(m: FlowModel, tmp_path: Path) -> Path:
+    path = tmp_path / "flow3.pt"
+    m.save(path)
+    return path
 
 
 def test_step_budget_and_extending_a_finished_run(store: Path, tmp_path: Path,

@@ -107,6 +107,7 @@ class Job:
     energy_range: tuple[float, float] = (1e3, 1e6)
     extra: dict[str, Any] = field(default_factory=dict)
     noise_mev: float = NOISE_MEV  # dequantisation noise width of the model (resolved from request and preset)
+    nonempty_targets: bool = True  # flow-3: learn the non-empty targets only (a checkpoint keeps its own choice)
 
     @property
     def out_dir(self) -> Path:
@@ -115,13 +116,15 @@ class Job:
     def make_model(self) -> FlowModel:
         """The same initial weights on every rank (seeded), in the configured dtype (not yet on the device)."""
         torch.manual_seed(self.cfg.seed)
-        model = FlowModel.from_preset(self.flow, self.geometry, self.preset, self.student, self.noise_mev)
+        model = FlowModel.from_preset(self.flow, self.geometry, self.preset, self.student, self.noise_mev,
+                                      self.nonempty_targets)
         return model.to(self.cfg.torch_dtype)
 
     def model_meta(self) -> dict[str, Any]:
         preset = get_preset(self.preset)
         spec = preset.spec(self.flow, self.geometry, self.student)
-        return flow_meta(self.flow, self.geometry, spec, self.student, self.preset, preset.energies, self.noise_mev)
+        return flow_meta(self.flow, self.geometry, spec, self.student, self.preset, preset.energies, self.noise_mev,
+                         self.nonempty_targets)
 
     def make_loaders(
         self, rank: int = 0, world_size: int = 1, memory_gb: float | None = None, pin: bool | None = None
@@ -223,7 +226,16 @@ def build_job(req: TrainRequest) -> Job:
     cfg = train_config(req.options, preset, req.flow, f"flow-{req.flow}")
     return Job(req.flow, req.preset, Path(req.store), geometry, Path(req.out), cfg, req.options.memory_gb,
                energy_range=store.energy_range(),
-               noise_mev=preset.noise_mev if req.noise_kev is None else req.noise_kev * 1e-3)
+               noise_mev=preset.noise_mev if req.noise_kev is None else req.noise_kev * 1e-3,
+               nonempty_targets=_saved_targets(Path(req.out), req.flow))
+
+
+def _saved_targets(run_dir: Path, flow: int) -> bool:
+    """Whether a flow-3 run resumes on the non-empty targets only: yes unless its checkpoint predates the choice."""
+    ckpt = rundir.checkpoint_in(rundir.flow_dir(run_dir, flow, False))
+    if flow != 3 or not ckpt.is_file():
+        return True
+    return load_checkpoint(ckpt).get("meta", {}).get("targets") == "nonempty"
 
 
 def run_local(job: Job) -> dict[str, Any]:
