@@ -69,6 +69,17 @@ def _selector(module: nn.Module) -> Callable[[dict[str, torch.Tensor]], dict[str
     return select if callable(select) else (lambda b: b)
 
 
+def _rank_weight(rows: int, world_size: int, device: torch.device) -> float:
+    """DDP averages the ranks' gradients of their own mean losses. Where ``select`` leaves the ranks different numbers
+    of rows, this weight makes that average the gradient of the mean over every rank's rows, as one worker on the
+    union batch has."""
+    if world_size == 1 or not _distributed():
+        return 1.0
+    total = torch.tensor([float(rows)], device=device)
+    dist.all_reduce(total)
+    return rows * world_size / max(float(total.item()), 1.0)
+
+
 def _rows(batch: Mapping[str, torch.Tensor]) -> int:
     return int(next(iter(batch.values())).shape[0])
 
@@ -406,7 +417,7 @@ def _fit(model: nn.Module, train_loader: Any, val_loader: Any, cfg: TrainConfig,
             with autocast:
                 loss = model(b)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * _rank_weight(rows, world_size, device)).backward()
             norm = torch.nn.utils.clip_grad_norm_(params, clip)
             # After DDP's all-reduce the norm is the same on every rank, so all skip together.
             if torch.isfinite(norm):
