@@ -18,6 +18,7 @@ from sklearn.isotonic import IsotonicRegression
 
 from hpc_calo.evaluate.classifier import SPLITS, SplitPlan, _scores
 from hpc_calo.evaluate.features import Features
+from hpc_calo.geometry import N_LAYERS
 
 MAX_ITER = 300
 LEARNING_RATE = 0.1
@@ -26,7 +27,7 @@ SHAPES = ("ec_eta", "ec_phi", "width_eta", "width_phi", "sparsity", "ec_r", "wid
 
 def _columns() -> dict[str, np.ndarray]:
     """Columns of ``boost_inputs`` per feature group, each group led by log10 E_inc (column 0)."""
-    n = 45
+    n = N_LAYERS
     block = {k: 1 + n + 1 + i * n + np.arange(n) for i, k in enumerate(SHAPES)}
     groups = {
         "energies": np.arange(1, n + 2),

@@ -107,7 +107,7 @@ class Job:
     energy_range: tuple[float, float] = (1e3, 1e6)
     extra: dict[str, Any] = field(default_factory=dict)
     noise_mev: float = NOISE_MEV  # dequantisation noise width of the model (resolved from request and preset)
-    nonempty_targets: bool = True  # flow-3: learn the non-empty targets only (a checkpoint keeps its own choice)
+    nonempty_targets: bool = True  # flow-3: learn the non-empty targets only (``prepare`` keeps a checkpoint's choice)
 
     @property
     def out_dir(self) -> Path:
@@ -182,7 +182,10 @@ class Job:
             record["energy_range"] = [min(lo, self.energy_range[0]), max(hi, self.energy_range[1])]
         ckpt = rundir.checkpoint_in(self.out_dir)
         if ckpt.exists():  # refuse a checkpoint of another flow / preset / dataset before touching anything
-            check_meta(ckpt, load_checkpoint(ckpt).get("meta", {}), self.model_meta())
+            saved = load_checkpoint(ckpt).get("meta", {})
+            if self.flow == 3 and not self.student:  # one from before the non-empty-target choice: every pair
+                self.nonempty_targets = saved.get("targets") == "nonempty"
+            check_meta(ckpt, saved, self.model_meta())
         rundir.write_run(self.run_dir, record)
         rundir.write_json(rundir.config_in(self.out_dir), {
             "flow": self.flow, "student": self.student, "preset": self.preset, "dataset": self.geometry.name,
@@ -226,16 +229,7 @@ def build_job(req: TrainRequest) -> Job:
     cfg = train_config(req.options, preset, req.flow, f"flow-{req.flow}")
     return Job(req.flow, req.preset, Path(req.store), geometry, Path(req.out), cfg, req.options.memory_gb,
                energy_range=store.energy_range(),
-               noise_mev=preset.noise_mev if req.noise_kev is None else req.noise_kev * 1e-3,
-               nonempty_targets=_saved_targets(Path(req.out), req.flow))
-
-
-def _saved_targets(run_dir: Path, flow: int) -> bool:
-    """Whether a flow-3 run resumes on the non-empty targets only: yes unless its checkpoint predates the choice."""
-    ckpt = rundir.checkpoint_in(rundir.flow_dir(run_dir, flow, False))
-    if flow != 3 or not ckpt.is_file():
-        return True
-    return load_checkpoint(ckpt).get("meta", {}).get("targets") == "nonempty"
+               noise_mev=preset.noise_mev if req.noise_kev is None else req.noise_kev * 1e-3)
 
 
 def run_local(job: Job) -> dict[str, Any]:

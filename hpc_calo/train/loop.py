@@ -69,15 +69,15 @@ def _selector(module: nn.Module) -> Callable[[dict[str, torch.Tensor]], dict[str
     return select if callable(select) else (lambda b: b)
 
 
-def _rank_weight(rows: int, world_size: int, device: torch.device) -> float:
+def _rank_weight(rows: int, world_size: int, device: torch.device) -> float | torch.Tensor:
     """DDP averages the ranks' gradients of their own mean losses. Where ``select`` leaves the ranks different numbers
     of rows, this weight makes that average the gradient of the mean over every rank's rows, as one worker on the
-    union batch has."""
+    union batch has. A tensor on the device: no host synchronisation."""
     if world_size == 1 or not _distributed():
         return 1.0
-    total = torch.tensor([float(rows)], device=device)
+    total = torch.tensor(float(rows), device=device, dtype=torch.float64)
     dist.all_reduce(total)
-    return rows * world_size / max(float(total.item()), 1.0)
+    return rows * world_size / total.clamp_min(1.0)
 
 
 def _rows(batch: Mapping[str, torch.Tensor]) -> int:
