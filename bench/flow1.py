@@ -1,15 +1,16 @@
 """Flow-1 alone, measured: its layer-energy encoding and its size.
 
 python -m bench.flow1 [--train 3000] [--heldout 2000] [--epochs 60 | --steps N] [--preset quickstart]
-                      [--encodings absolute fractions] [--sizes preset 256x8] [--out FILE]
+                      [--encodings absolute fractions shares] [--sizes preset 256x8] [--noise-kev W] [--out FILE]
 
 Trains flow-1 once per (encoding, size) on the same synthetic DS2 store with the same schedule and budget
 (encodings: hpc_calo.preprocess.ENERGY_ENCODINGS; a size is HIDDENxBLOCKS, or "preset" for the preset's own),
 samples layer energies for the incident energies of a held-out file, and scores them with the official
-binnings: separation power of E_tot/E_inc and the mean over layers of the separation power of E_layer. The
-floor is a second held-out file against the first. One torch thread. Flow-1 alone sets every layer energy of
-a generated shower (the chain rescales each layer to it), so these scores are the chain's, up to layers that
-the shape flows leave empty.
+binnings: separation power of E_tot/E_inc, the mean over layers of the separation power of E_layer, and how
+often each layer is empty (mean over layers of |gen - ref|). The floor is a second held-out file against the
+first. One torch thread. Flow-1 alone sets every layer energy of a generated shower (the chain rescales each
+layer to it), so these scores are the chain's, up to layers that the shape flows leave empty. The dequantisation
+noise is the preset's unless ``--noise-kev`` sets it.
 """
 
 from __future__ import annotations
@@ -52,7 +53,10 @@ def scores(e_gen: np.ndarray, gen: np.ndarray, e_ref: np.ndarray, ref: np.ndarra
     s_tot = separation_power(np.histogram(ratio_gen, edges)[0], np.histogram(ratio_ref, edges)[0])
     s_layer = [separation_power(np.histogram(gen[:, i], e := log_edges(ref[:, i].max(initial=0.0), 40))[0],
                                 np.histogram(ref[:, i], e)[0]) for i in range(N_LAYERS)]
+    # How often a layer is empty is what a shower's sparse tail shows first; the mean over layers of the difference.
+    empty_diff = np.abs((gen == 0).mean(0) - (ref == 0).mean(0))
     return {"S_etot_einc": s_tot, "mean_S_e_layer": float(np.nanmean(s_layer)),
+            "mean_empty_diff": float(empty_diff.mean()),
             "mean_etot_einc": float(ratio_gen.mean()), "std_etot_einc": float(ratio_gen.std()),
             "ref_mean_etot_einc": float(ratio_ref.mean()), "ref_std_etot_einc": float(ratio_ref.std())}
 
@@ -71,12 +75,13 @@ def size(text: str) -> tuple[int, int] | None:
 def train_and_score(encoding: str, hb: tuple[int, int] | None, a: argparse.Namespace, store: Path, work: Path,
                     e_inc: np.ndarray, ref: np.ndarray) -> dict[str, Any]:
     preset = get_preset(a.preset)
-    spec = preset.spec(1, DS2)
+    spec = dataclasses.replace(preset.spec(1, DS2), features=pp.flow1_features(encoding))
     if hb is not None:
         spec = dataclasses.replace(spec, hidden=hb[0], blocks=hb[1])
     name = f"{encoding}_{spec.hidden}x{spec.blocks}"
     torch.manual_seed(0)
-    model = FlowModel(1, DS2, spec, preset=a.preset, energies=encoding)
+    noise_mev = preset.noise_mev if a.noise_kev is None else a.noise_kev * 1e-3
+    model = FlowModel(1, DS2, spec, preset=a.preset, energies=encoding, noise_mev=noise_mev)
     s = open_store(store, DS2)
     b = preset.batch_size
     loaders = (ShardedLoader(s, "train", "energies", b, 0, 1, 1.0, seed=0),
@@ -109,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="flow-1 encodings to train (default: all)")
     p.add_argument("--sizes", nargs="+", type=size, default=[None], metavar="HIDDENxBLOCKS",
                    help="flow-1 sizes to train with each encoding: HIDDENxBLOCKS or 'preset' (default: preset)")
+    p.add_argument("--noise-kev", type=float, default=None, help="dequantisation noise width (default: the preset's)")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -123,7 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         e_b, floor_layers = layer_energies(held_b)
         result: dict[str, Any] = {
             "command": "python -m bench.flow1 " + " ".join(sys.argv[1:] if argv is None else argv),
-            "machine": machine(), "threads": 1, "preset": a.preset, "epochs": a.epochs, "steps": a.steps,
+            "machine": machine(), "threads": 1, "preset": a.preset, "noise_kev": a.noise_kev,
+            "epochs": a.epochs, "steps": a.steps,
             "train": a.train, "heldout": a.heldout,
             "floor": scores(e_b, floor_layers, e_inc, ref),
             "cases": [train_and_score(enc, hb, a, work / "store.zarr", work, e_inc, ref)

@@ -149,8 +149,8 @@ class Chain:
     def head(self, e_inc: torch.Tensor, noise: _RowNoise) -> tuple[torch.Tensor, torch.Tensor]:
         """Flow-1's 45 layer energies (MeV, thresholded) and flow-2's layer 0 (voxels, MeV)."""
         f1, f2 = self.flows[1], self.flows[2]
-        layer_e = pp.decode_flow1(self.from_latent[1](noise.normal(N_LAYERS), f1.context1(e_inc)), e_inc, f1.energies)
-        layer_e = apply_threshold(layer_e)
+        c = self.from_latent[1](noise.normal(f1.spec.features), f1.context1(e_inc))
+        layer_e = apply_threshold(pp.decode_flow1(c, e_inc, f1.energies))
         x = self.from_latent[2](noise.normal(self.geometry.voxels_per_layer), f2.context2(e_inc, layer_e[:, 0]))
         return layer_e, self._voxels(x, layer_e[:, 0])
 

@@ -12,6 +12,7 @@ logit                       y = logit(a + (1 - 2a) x),  a = 1e-6           x = c
 incident energy             c = log10(E_inc / MeV) - 4.5                   E_inc = 10^(c + 4.5) MeV
 layer energy                c = logit(clip(E / 65 GeV, 0, 1))              E = 65 GeV * inverse logit(c)
 flow-1 "fractions"          logit(E_tot / 2 E_inc), logit(E_i / sum_j>=i)  products of the fractions (see below)
+flow-1 "shares"             logit(E_tot / 2 E_inc), log10(E_i / E_tot)    E_tot * 10^v_i / sum_j 10^v_j
 layer index (flow-3)        one_hot(n - 1, 44)                             argmax + 1
 ==========================  =============================================  =========================================
 
@@ -85,29 +86,45 @@ def decode_layer_energy(c: torch.Tensor) -> torch.Tensor:
 # Flow-1's own view of the 45 layer energies. "absolute" is the reference's (each layer's logit(E / 65 GeV)): the
 # shower's total, and so the energy response, is then a sum of 45 independently erred outputs. "fractions" is
 # CaloFlow's: u_0 = E_tot / (2 E_inc), u_i = E_i / sum_{j >= i} E_j, all in logit space, so E_tot / E_inc is ONE
-# feature the flow learns directly and every decoded shower's layers add up to it exactly.
-ENERGY_ENCODINGS = ("absolute", "fractions")
+# feature the flow learns directly and every decoded shower's layers add up to it exactly. Its chain of products
+# has a weakness in the sparse tail: the last lit layer must take all but the dequantisation noise of what is left,
+# a fraction within ~1e-5 of 1, and any shortfall flows on into the empty layers behind it. "shares" keeps
+# u_0 and gives each layer its own share of the total, log10(E_i / E_tot), so an empty layer is a mode at the
+# noise level that no other layer's error can fill; the shares are renormalised on decoding (46 features).
+ENERGY_ENCODINGS = ("absolute", "fractions", "shares")
 E_TOT_SCALE = 2.0  # u_0 = E_tot / (2 E_inc): electromagnetic showers deposit at most ~1.1 E_inc after scaling
 
 
+def flow1_features(encoding: str) -> int:
+    """Number of flow-1 features for an encoding: one per layer, and "shares" adds the total."""
+    return N_LAYERS + (encoding == "shares")
+
+
 def encode_flow1(layer_e: torch.Tensor, e_inc: torch.Tensor, encoding: str) -> torch.Tensor:
-    """(B, 45) layer energies (MeV, noise added by the caller), (B,) or (B, 1) E_inc -> flow-1 features (B, 45)."""
+    """(B, 45) layer energies (MeV, noise added by the caller), (B,) or (B, 1) E_inc -> flow-1 features (B, 45;
+    "shares": 46)."""
     if encoding == "absolute":
         return encode_layer_energy(layer_e)
     total = layer_e.sum(dim=-1, keepdim=True)
+    u_0 = logit((total / (E_TOT_SCALE * e_inc.reshape(-1, 1))).clamp(0.0, 1.0))
+    if encoding == "shares":
+        return torch.cat([u_0, torch.log10(layer_e.clamp_min(1e-30) / total.clamp_min(1e-30))], dim=-1)
     # Energy still to deposit from layer i on; clamp keeps an all-empty tail finite (its fractions are then 0).
     remaining = torch.flip(torch.cumsum(torch.flip(layer_e, [-1]), -1), [-1]).clamp_min(1e-30)
-    u = torch.cat([total / (E_TOT_SCALE * e_inc.reshape(-1, 1)), layer_e[:, :-1] / remaining[:, :-1]], dim=-1)
-    return logit(u.clamp(0.0, 1.0))
+    return torch.cat([u_0, logit((layer_e[:, :-1] / remaining[:, :-1]).clamp(0.0, 1.0))], dim=-1)
 
 
 def decode_flow1(c: torch.Tensor, e_inc: torch.Tensor, encoding: str) -> torch.Tensor:
-    """Inverse of :func:`encode_flow1`: flow-1 samples (B, 45) -> layer energies (B, 45) MeV."""
+    """Inverse of :func:`encode_flow1`: flow-1 samples (B, 45 or 46) -> layer energies (B, 45) MeV."""
     if encoding == "absolute":
         return decode_layer_energy(c)
-    u = inverse_logit(c)
-    total = u[:, :1] * E_TOT_SCALE * e_inc.reshape(-1, 1)
-    f = u[:, 1:]  # the share of what is left that each of layers 0..43 takes; layer 44 takes the rest
+    total = inverse_logit(c[:, :1]) * E_TOT_SCALE * e_inc.reshape(-1, 1)
+    if encoding == "shares":
+        # Shifting by the largest share before exponentiating keeps float32 finite for any flow output.
+        v = c[:, 1:] - c[:, 1:].amax(dim=-1, keepdim=True)
+        w = torch.pow(10.0, v)
+        return total * w / w.sum(dim=-1, keepdim=True)
+    f = inverse_logit(c[:, 1:])  # the share of what is left that each of layers 0..43 takes; layer 44 the rest
     ones = torch.ones_like(total)
     remaining = total * torch.cat([ones, torch.cumprod(1.0 - f, dim=-1)], dim=-1)
     return remaining * torch.cat([f, ones], dim=-1)

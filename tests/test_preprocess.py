@@ -112,5 +112,6 @@ def test_flow1_encodings_invert(encoding: str) -> None:
     assert torch.isfinite(x).all()
     back = pp.decode_flow1(x, e_inc, encoding)
     torch.testing.assert_close(back, layers, rtol=1e-6, atol=1e-9)
-    if encoding == "fractions":  # the first feature is E_tot / E_inc alone
+    assert x.shape[1] == pp.flow1_features(encoding)
+    if encoding != "absolute":  # the first feature is E_tot / E_inc alone
         torch.testing.assert_close(pp.inverse_logit(x[:, 0]) * pp.E_TOT_SCALE, layers.sum(1) / e_inc)

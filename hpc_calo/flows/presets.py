@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from hpc_calo.errors import UserError
 from hpc_calo.flows.build import FlowSpec
 from hpc_calo.geometry import N_LAYERS, Geometry
-from hpc_calo.preprocess import NOISE_MEV
+from hpc_calo.preprocess import NOISE_MEV, flow1_features
 
 FLOWS = (1, 2, 3)
 SHARP_NOISE_MEV = 5.0e-4
@@ -59,7 +59,7 @@ class Preset:
         return {1: 1, 2: 2, 3: v + 3 + (N_LAYERS - 1)}[flow]
 
     def features(self, flow: int, geometry: Geometry) -> int:
-        return N_LAYERS if flow == 1 else geometry.voxels_per_layer
+        return flow1_features(self.energies) if flow == 1 else geometry.voxels_per_layer
 
     def spec(self, flow: int, geometry: Geometry, student: bool = False) -> FlowSpec:
         if flow not in FLOWS:
