@@ -2,7 +2,7 @@
 floor with the evaluation a user runs.
 
 python -m bench.fidelity [--quick] [--work runs/fidelity] [--preset small] [--budget flow3=minutes:120 ...]
-                         [--jobs 2] [--threads 1] [--noise-kev 5] [--teachers-only]
+                         [--lr flow3=1e-3] [--jobs 2] [--threads 1] [--noise-kev 5] [--teachers-only]
                          [--out bench/results/fidelity.json] [--figures docs/figures]
 
 Every step runs the product's own command in a child process (as a user would) and is skipped when its output
@@ -74,6 +74,7 @@ class Settings:
     quick: bool
     unnormalised: bool = True  # also the chains without layer renormalisation (cheap metrics only)
     noise_kev: float | None = None  # the teachers' dequantisation noise width; None: the preset's
+    lr: dict[str, float] = field(default_factory=dict)  # a teacher's peak learning rate; absent: the preset's
     chains: tuple[str, ...] = CHAINS
     seed: int = 11
     log: list[str] = field(default_factory=list)
@@ -145,8 +146,9 @@ def _train_one(s: Settings, name: str) -> None:
         _run(s, name, "hpc_calo.distill", ["--run", str(s.path("run")), "--flow", flow, *common, *quick])
     else:
         noise = [] if s.noise_kev is None else ["--noise-kev", str(s.noise_kev)]
+        lr = ["--lr", str(s.lr[name])] if name in s.lr else []
         _run(s, name, "hpc_calo.train", ["--flow", flow, "--store", str(s.path("store.zarr")), "--preset", s.preset,
-                                         "--out", str(s.path("run")), *noise, *common])
+                                         "--out", str(s.path("run")), *noise, *lr, *common])
 
 
 def _evaluate(s: Settings, key: str, gen: Path) -> None:
@@ -369,7 +371,7 @@ def run(s: Settings) -> dict[str, Any]:
         "machine": machine(),
         "settings": {"preset": s.preset, "train": s.train, "heldout": s.heldout, "budget": s.budget,
                      "threads": s.threads, "jobs": s.jobs, "eval_epochs": s.eval_epochs, "quick": s.quick,
-                     "noise_kev": s.noise_kev, "chains": list(s.chains)},
+                     "noise_kev": s.noise_kev, "lr": s.lr, "chains": list(s.chains)},
         "training": training_record(s),
         "chains": {k: _summary(r) for k, r in reports.items()},
     }
@@ -395,6 +397,18 @@ def _check_budget(text: str) -> tuple[str, str]:
     return name, f"{unit}:{amount}"
 
 
+def _check_lr(text: str) -> tuple[str, float]:
+    name, _, value = text.partition("=")
+    try:
+        lr = float(value)
+    except ValueError:
+        lr = -1.0
+    if name not in ("flow1", "flow2", "flow3") or not 0.0 < lr < 1.0:
+        raise argparse.ArgumentTypeError(f"expected FLOW=LR with FLOW one of flow1, flow2, flow3 and 0 < LR < 1, "
+                                         f"not {text!r}")
+    return name, lr
+
+
 def _stop_children(signum: int, frame: Any) -> None:
     """SIGTERM to the benchmark reaches the steps it runs (a terminal's Ctrl-C reaches them anyway): they
     checkpoint and exit, instead of training on, orphaned, into the files a restarted benchmark resumes from."""
@@ -418,6 +432,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--heldout", type=int, default=None, help="showers in each held-out file (default 10000)")
     p.add_argument("--budget", action="append", type=_check_budget, default=[], metavar="FLOW=UNIT:N",
                    help="per-flow training budget (as launch.submit --budget); a larger one on a re-run extends")
+    p.add_argument("--lr", action="append", type=_check_lr, default=[], metavar="FLOW=LR",
+                   help="a teacher's OneCycle peak learning rate, e.g. flow3=1e-3 (default: the preset's)")
     p.add_argument("--jobs", type=int, default=1,
                    help="processes at a time: training, generation, evaluation (default 1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per child process (default 1)")
@@ -449,6 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         quick=a.quick,
         unnormalised=not a.renormalised_only,
         noise_kev=a.noise_kev,
+        lr=dict(a.lr),
         chains=("teacher",) if a.teachers_only else CHAINS,
     )
     signal.signal(signal.SIGTERM, _stop_children)

@@ -87,7 +87,7 @@ def train_and_score(encoding: str, hb: tuple[int, int] | None, a: argparse.Names
     loaders = (ShardedLoader(s, "train", "energies", b, 0, 1, 1.0, seed=0),
                ShardedLoader(s, "val", "energies", b, 0, 1, 0.5, seed=0))
     cfg = TrainConfig(epochs=a.epochs, steps=a.steps, batch_size=b, max_lr=preset.max_lr[1], log_every=10**9,
-                      name=name)
+                      num_threads=1, name=name)
     t = time.perf_counter()
     summary = fit(model, *loaders, cfg, work / name)
     train_s = time.perf_counter() - t
@@ -117,7 +117,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--noise-kev", type=float, default=None, help="dequantisation noise width (default: the preset's)")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     a = p.parse_args(argv)
-    torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         train = write_synthetic(work / "train.h5", "ds2", a.train, 1)

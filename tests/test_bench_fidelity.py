@@ -23,11 +23,13 @@ def test_quick_fidelity_run_resumes_and_reports(tmp_path: Path) -> None:
     # Renormalised chains only: the unnormalised ones run the same commands with one flag more (its record in
     # the output file: test_generate), and a teacher chain samples one feature at a time.
     cmd = [sys.executable, "-m", "bench.fidelity", "--quick", "--work", str(work), "--jobs", "2",
-           "--renormalised-only"]
+           "--renormalised-only", "--lr", "flow3=2e-3"]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     result = json.loads((work / "fidelity.json").read_text())
     assert set(result["training"]) == set(FLOWS)
+    lr = {k: json.loads(rundir.config_in(work / "run" / k).read_text())["train"]["max_lr"] for k in ("flow1", "flow3")}
+    assert lr == {"flow1": get_preset("tiny").max_lr[1], "flow3": 2e-3}  # --lr reaches the flow it names alone
     for rec in result["training"].values():
         assert rec["steps"] > 0 and rec["curve"] and rec["core_hours"] > 0
     for name in ("flow2_student", "flow3_student"):
