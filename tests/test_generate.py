@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -11,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from hpc_calo import preprocess as pp
 from hpc_calo import rundir
 from hpc_calo.errors import UserError, run_cli
 from hpc_calo.flows.build import FlowSpec
 from hpc_calo.flows.presets import get_preset
-from hpc_calo.generate import Chain
+from hpc_calo.generate import Chain, _RowNoise
 from hpc_calo.generate import main as generate_main
 from hpc_calo.geometry import DS2, THRESHOLD_MEV
 from hpc_calo.io import check_file
@@ -80,6 +82,26 @@ def test_cli_writes_a_valid_file_with_the_reference_energies(
         assert done.value.code == 0
         with h5py.File(tmp_path / f"{flag}.h5") as g:
             assert bool(g.attrs["renormalise"]) is value
+
+
+@pytest.mark.parametrize("encoding", pp.ENERGY_ENCODINGS)
+def test_each_flow1_encoding_generates_showers_that_carry_its_layer_energies(
+    run_dir: Path, tmp_path: Path, encoding: str
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    spec = dataclasses.replace(micro(1).spec, features=pp.flow1_features(encoding))
+    torch.manual_seed(1)
+    save(FlowModel(1, DS2, spec, preset="tiny", energies=encoding), run, 1)
+    chain = Chain.load(run)
+    e = np.geomspace(1e3, 1e6, 6)
+    noise = _RowNoise(4, 0, len(e), chain.device, chain.dtype)  # the random numbers sample() draws for these rows
+    layer_e = chain.head(torch.as_tensor(e, dtype=chain.dtype), noise)[0]
+    assert layer_e.shape == (6, 45) and torch.all((layer_e == 0) | (layer_e >= THRESHOLD_MEV))
+    showers = chain.sample(e, seed=4).reshape(6, 45, -1)
+    assert np.all((showers == 0) | (showers >= THRESHOLD_MEV))
+    # renormalised (the default): every generated layer carries flow-1's energy
+    np.testing.assert_allclose(showers.sum(-1), layer_e.numpy(), rtol=1e-4, atol=1e-3)
 
 
 def test_sampling_is_deterministic_and_independent_of_batch_size(run_dir: Path) -> None:

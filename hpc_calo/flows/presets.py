@@ -98,7 +98,7 @@ PRESETS: dict[str, Preset] = {
             # Flow-3 at 3e-3 reaches in 6,000 steps a better teacher chain than 1e-3 in 12,000 (BENCHMARKS.md).
             max_lr={1: 1e-3, 2: 1e-3, 3: 3e-3},
             batch_size=500,
-            energies="fractions",
+            energies="shares",
             noise_mev=SHARP_NOISE_MEV,
         ),
         # The quickstart's: sized so the whole pipeline runs in about five minutes on two cores (``--jobs 2``:
@@ -115,7 +115,7 @@ PRESETS: dict[str, Preset] = {
             steps={"flow3": 500, "flow3_student": 150},
             max_lr={1: 3e-3, 2: 3e-3, 3: 2e-3},
             batch_size=256,
-            energies="fractions",
+            energies="shares",
             noise_mev=SHARP_NOISE_MEV,
         ),
         Preset(
