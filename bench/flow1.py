@@ -33,7 +33,9 @@ from data_prep.convert import main as convert
 from data_prep.synth import write_synthetic
 from hpc_calo import preprocess as pp
 from hpc_calo.data.store import ShardedLoader, open_store
+from hpc_calo.errors import run_cli
 from hpc_calo.evaluate.histograms import log_edges, separation_power
+from hpc_calo.flags import noise_kev
 from hpc_calo.flows.presets import get_preset
 from hpc_calo.geometry import DS2, N_LAYERS, apply_threshold
 from hpc_calo.models import FlowModel
@@ -114,7 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="flow-1 encodings to train (default: all)")
     p.add_argument("--sizes", nargs="+", type=size, default=[None], metavar="HIDDENxBLOCKS",
                    help="flow-1 sizes to train with each encoding: HIDDENxBLOCKS or 'preset' (default: preset)")
-    p.add_argument("--noise-kev", type=float, default=None, help="dequantisation noise width (default: the preset's)")
+    p.add_argument("--noise-kev", type=noise_kev, default=None,
+                   help="dequantisation noise width in keV (default: the preset's)")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -140,4 +143,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -55,7 +55,7 @@ def test_quick_fidelity_run_resumes_and_reports(tmp_path: Path) -> None:
 
 def test_quickstart_preset_exists() -> None:
     p = get_preset("quickstart")
-    assert p.dataset is None and p.energies == "fractions" and p.noise_mev == 5e-4
+    assert p.dataset is None and p.energies == "shares" and p.noise_mev == 5e-4
     assert get_preset("ds2").noise_mev == 5e-3  # the reference's width, for the reference architecture
 
 

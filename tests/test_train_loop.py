@@ -241,11 +241,11 @@ def test_minutes_budget_becomes_a_fixed_step_budget(store: Path, tmp_path: Path)
     assert again["global_step"] == result["global_step"]
 
 
-def test_quickstart_preset_models_energy_fractions() -> None:
+def test_quickstart_preset_models_energy_shares() -> None:
     from hpc_calo.flows.presets import get_preset
 
     p = get_preset("quickstart")
-    assert p.energies == "fractions"
+    assert p.energies == "shares"
     # Flow-3 and its student train for less than an epoch: a step budget, which a budget of the request replaces.
     from hpc_calo.train.job import TrainingOptions, train_config
 
@@ -256,11 +256,12 @@ def test_quickstart_preset_models_energy_fractions() -> None:
         assert (own.epochs, own.steps) == (2, None)
     assert train_config(TrainingOptions(), p, 1, "f").steps is None
     m = FlowModel.from_preset(1, DS2, "quickstart")
-    assert m.meta()["energies"] == "fractions"
+    assert m.meta()["energies"] == "shares" and m.spec.features == 46  # the total, then a share per layer
 
 
-def test_a_fractions_flow1_resumes(store: Path, tmp_path: Path) -> None:
-    """The checkpoint of a flow-1 with the `fractions` encoding is recognised as the same model on resume."""
+def test_a_shares_flow1_resumes(store: Path, tmp_path: Path) -> None:
+    """The checkpoint of a flow-1 with the `shares` encoding (46 features) is recognised as the same model on
+    resume."""
     from hpc_calo.train.__main__ import main as train
 
     args = ["--flow", "1", "--store", str(store), "--preset", "quickstart", "--out", str(tmp_path / "r"),
