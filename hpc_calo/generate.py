@@ -44,6 +44,9 @@ from hpc_calo.precision import PRECISION_HELP, PRECISIONS, add_compile_argument,
 from hpc_calo.seeding import DEFAULT_SEED, ROW_BLOCK, log_uniform_energies, row_block_seed
 
 T = TypeVar("T")
+# Redraws of a flow-2 layer 0 that the threshold would leave empty (Chain.head). Each costs one flow-2
+# pass over the batch when some row needs it: ~1/45 of the chain.
+LAYER0_REDRAWS = 2
 
 
 class _RowNoise:
@@ -151,8 +154,18 @@ class Chain:
         f1, f2 = self.flows[1], self.flows[2]
         c = self.from_latent[1](noise.normal(f1.spec.features), f1.context1(e_inc))
         layer_e = apply_threshold(pp.decode_flow1(c, e_inc, f1.energies))
-        x = self.from_latent[2](noise.normal(self.geometry.voxels_per_layer), f2.context2(e_inc, layer_e[:, 0]))
-        return layer_e, self._voxels(x, layer_e[:, 0])
+        v, e0, c2 = self.geometry.voxels_per_layer, layer_e[:, 0], f2.context2(e_inc, layer_e[:, 0])
+        x = self.from_latent[2](noise.normal(v), c2)
+        # Layer 0 has energy in every shower and one or two voxels in most, and flow-2 sometimes draws its "no
+        # voxel hit" sample, which the threshold empties and the decoding could only place at random. The data
+        # hold no such layer: redraw those rows, i.e. sample the flow restricted to what the data can hold. Every
+        # row draws the numbers of every redraw, so its shower does not depend on the rest of its batch.
+        for _ in range(LAYER0_REDRAWS if self.renormalise else 0):
+            z = noise.normal(v)
+            redo = pp.no_voxel_hit(x, e0)
+            if bool(redo.any()):
+                x = torch.where(redo.unsqueeze(-1), self.from_latent[2](z, c2), x)
+        return layer_e, self._voxels(x, e0)
 
     @torch.no_grad()
     def next_layer(self, e_inc: torch.Tensor, layer_e: torch.Tensor, layer: torch.Tensor, n: int,

@@ -160,6 +160,12 @@ def rescale(layer: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, layer * (energy.unsqueeze(-1) / total.clamp_min(1e-30)), layer)
 
 
+def no_voxel_hit(y: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+    """(B,) True where a layer with energy would have no voxel over the threshold: the flow output ``y`` (B, V)
+    times the energy, cut as :func:`decode_shape_renormalised` cuts it first."""
+    return (apply_threshold(inverse_logit(y) * energy.unsqueeze(-1)).amax(dim=-1) <= 0) & (energy > 0)
+
+
 def decode_shape_renormalised(y: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
     """Flow output (B, V) -> thresholded voxel energies (MeV) summing exactly to ``energy`` (B,).
 

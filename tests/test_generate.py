@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from hpc_calo import generate as gen_module
 from hpc_calo import preprocess as pp
 from hpc_calo import rundir
 from hpc_calo.errors import UserError, run_cli
@@ -102,6 +103,34 @@ def test_each_flow1_encoding_generates_showers_that_carry_its_layer_energies(
     assert np.all((showers == 0) | (showers >= THRESHOLD_MEV))
     # renormalised (the default): every generated layer carries flow-1's energy
     np.testing.assert_allclose(showers.sum(-1), layer_e.numpy(), rtol=1e-4, atol=1e-3)
+
+
+def test_a_layer_0_the_threshold_would_empty_is_redrawn(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    chain = Chain.load(run_dir)
+    flow2, calls = chain.from_latent[2], []
+
+    def no_hit_first(z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Flow-2, except that its first draw of the odd rows is the "no voxel hit" sample (every voxel ~1e-9)."""
+        x = flow2(z, c)
+        calls.append(len(z))
+        if len(calls) == 1:
+            x[1::2] = -20.0
+        return x
+
+    chain.from_latent[2] = no_hit_first
+    e = np.geomspace(1e3, 1e6, 6)
+    layer0 = {}
+    for redraws in (0, gen_module.LAYER0_REDRAWS):
+        monkeypatch.setattr(gen_module, "LAYER0_REDRAWS", redraws)
+        calls.clear()
+        layer0[redraws] = chain.sample(e, seed=4).reshape(6, 45, -1)[:, 0]
+    assert len(calls) == 2  # one redraw was needed, for the odd rows, and none after it
+    without, redrawn = layer0[0], layer0[gen_module.LAYER0_REDRAWS]
+    # without a redraw the odd rows fall back to one voxel (the first: all are equal); redrawn, they are the flow's
+    assert np.all((without[1::2] > 0).sum(-1) == 1) and np.all(without[1::2, 0] > 0)
+    assert not np.array_equal(redrawn[1::2], without[1::2]) and np.all((redrawn[1::2] > 0).sum(-1) >= 1)
+    np.testing.assert_array_equal(redrawn[::2], without[::2])  # the rows that had a voxel hit keep their layer 0
+    np.testing.assert_allclose(redrawn.sum(-1), without.sum(-1), rtol=1e-5)  # flow-1's energy either way
 
 
 def test_sampling_is_deterministic_and_independent_of_batch_size(run_dir: Path) -> None:
