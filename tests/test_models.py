@@ -9,6 +9,7 @@ import torch
 
 from hpc_calo.errors import UserError
 from hpc_calo.flows.build import n_parameters
+from hpc_calo.flows.presets import get_preset
 from hpc_calo.geometry import DS2, DS3, Geometry
 from hpc_calo.models import FlowModel, load_flow_model
 
@@ -19,6 +20,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_reference_teachers_have_the_published_parameter_counts(geometry: Geometry, expected: int) -> None:
     total = sum(n_parameters(FlowModel.from_preset(k, geometry, geometry.name)) for k in (1, 2, 3))
     assert total == expected
+
+
+def test_medium_is_small_with_the_reference_ds2_flow3() -> None:
+    small, medium, ds2 = (get_preset(name) for name in ("small", "medium", "ds2"))
+    assert medium.spec(3, DS2) == ds2.spec(3, DS2)  # the teacher: the same flow, the same initial weights
+    for flow in (1, 2):
+        assert medium.spec(flow, DS2) == small.spec(flow, DS2)
+    assert (medium.energies, medium.noise_mev, medium.batch_size) == (small.energies, small.noise_mev, 500)
 
 
 def test_reference_presets_refuse_the_other_dataset() -> None:
