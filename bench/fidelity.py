@@ -51,7 +51,7 @@ from bench.report import machine
 from hpc_calo import rundir
 from hpc_calo.digest import files_digest
 from hpc_calo.errors import run_cli
-from hpc_calo.flags import noise_kev
+from hpc_calo.flags import noise_kev, positive_float
 from launch.submit import parse_budget
 
 FLOWS = ("flow1", "flow2", "flow3", "flow2_student", "flow3_student")
@@ -399,14 +399,9 @@ def _check_budget(text: str) -> tuple[str, str]:
 
 def _check_lr(text: str) -> tuple[str, float]:
     name, _, value = text.partition("=")
-    try:
-        lr = float(value)
-    except ValueError:
-        lr = -1.0
-    if name not in ("flow1", "flow2", "flow3") or not 0.0 < lr < 1.0:
-        raise argparse.ArgumentTypeError(f"expected FLOW=LR with FLOW one of flow1, flow2, flow3 and 0 < LR < 1, "
-                                         f"not {text!r}")
-    return name, lr
+    if name not in ("flow1", "flow2", "flow3"):
+        raise argparse.ArgumentTypeError(f"expected FLOW=LR with FLOW one of flow1, flow2, flow3, not {text!r}")
+    return name, positive_float("--lr")(value)  # hpc_calo.train's own check of the value
 
 
 def _stop_children(signum: int, frame: Any) -> None:

@@ -154,7 +154,8 @@ class Chain:
         f1, f2 = self.flows[1], self.flows[2]
         c = self.from_latent[1](noise.normal(f1.spec.features), f1.context1(e_inc))
         layer_e = apply_threshold(pp.decode_flow1(c, e_inc, f1.energies))
-        v, e0, c2 = self.geometry.voxels_per_layer, layer_e[:, 0], f2.context2(e_inc, layer_e[:, 0])
+        v, e0 = self.geometry.voxels_per_layer, layer_e[:, 0]
+        c2 = f2.context2(e_inc, e0)
         x = self.from_latent[2](noise.normal(v), c2)
         # Layer 0 has energy in every shower and one or two voxels in most, and flow-2 sometimes draws its "no
         # voxel hit" sample, which the threshold empties and the decoding could only place at random. The data
