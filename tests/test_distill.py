@@ -13,7 +13,7 @@ from hpc_calo import rundir
 from hpc_calo.distill import DistillModel, PDDConfig, pass_loss
 from hpc_calo.errors import UserError
 from hpc_calo.flows import FlowSpec, build_iaf, build_maf, one_pass
-from hpc_calo.geometry import Geometry
+from hpc_calo.geometry import DS2, Geometry
 from hpc_calo.models import FlowModel, load_flow_model
 from hpc_calo.train.config import TrainConfig
 from hpc_calo.train.loop import fit
@@ -205,6 +205,14 @@ def test_distill_cli_writes_a_student_the_chain_uses(tiny_run: Path, tmp_path: P
     a = chain.sample([5e3, 5e4, 5e5], seed=1)
     b = Chain.load(run).sample([5e3, 5e4, 5e5], seed=1)  # the default: the fast student sampler
     assert a.shape == (3, chain.geometry.n_voxels) and abs(a - b).max() < 1e-2 * max(1.0, abs(a).max())
+    # A teacher laid out otherwise than the run preset's student (a model file copied in from another run): refused
+    # before anything is written, not an index error in the middle of the loss.
+    student_dir = rundir.flow_dir(run, 3, student=True)
+    before = sorted(p.name for p in student_dir.iterdir())
+    FlowModel.from_preset(3, DS2, "small").save(rundir.weights(run, 3))
+    with pytest.raises(UserError, match=r"not laid out as the student of preset 'tiny' \(blocks 4 against 2"):
+        main(["--run", str(run), "--flow", "3", "--epochs", "1"])
+    assert sorted(p.name for p in student_dir.iterdir()) == before
     rundir.weights(run, 3).unlink()
     with pytest.raises(UserError, match="no trained flow-3 teacher"):
         main(["--run", str(run), "--flow", "3", "--epochs", "1"])

@@ -16,7 +16,9 @@ from hpc_calo.data.store import open_store
 from hpc_calo.digest import files_digest
 from hpc_calo.distill.pdd import DistillModel, PDDConfig
 from hpc_calo.errors import UserError
+from hpc_calo.flows import FlowSpec
 from hpc_calo.flows.presets import get_preset
+from hpc_calo.geometry import get_geometry
 from hpc_calo.models import FlowModel, load_flow_model
 from hpc_calo.train.distributed import RayConfig
 from hpc_calo.train.job import Job, TrainingOptions, run_job, train_config
@@ -76,6 +78,7 @@ def build_job(req: DistillRequest) -> DistillJob:
     teacher = rundir.weights(req.run, req.flow)
     if not teacher.is_file():
         raise UserError(f"{req.run}: no trained flow-{req.flow} teacher ({teacher}); train it first")
+    _check_layout(teacher, preset.spec(req.flow, get_geometry(run["dataset"]), student=True), run["preset"])
     store_path = req.store or (Path(run["store"]) if run.get("store") else None)
     if store_path is None:
         raise UserError(f"{req.run}: run.json records no store; pass --store")
@@ -86,6 +89,18 @@ def build_job(req: DistillRequest) -> DistillJob:
     return DistillJob(req.flow, run["preset"], Path(store_path), store.geometry, Path(req.run), cfg,
                       req.options.memory_gb, student=True, energy_range=store.energy_range(),
                       extra={"pdd": {"beta": req.beta}}, pdd=PDDConfig(beta=req.beta))
+
+
+def _check_layout(teacher_path: Path, student: FlowSpec, preset: str) -> None:
+    """PDD matches the two flows block by block: a teacher laid out otherwise than the run preset's student (a model
+    file copied in from another run) is refused here, not met as an index error mid-loss. Widths may differ."""
+    spec = load_flow_model(teacher_path).spec
+    fields = ("features", "context", "blocks", "bins", "tail_bound", "perm_seed")
+    differ = [f"{f} {getattr(spec, f)} against {getattr(student, f)}" for f in fields
+              if getattr(spec, f) != getattr(student, f)]
+    if differ:
+        raise UserError(f"{teacher_path}: this teacher is not laid out as the student of preset {preset!r} "
+                        f"({', '.join(differ)}); distil it in a run folder of the preset it was trained with")
 
 
 def report_quality(job: DistillJob, n: int) -> dict[str, Any]:
