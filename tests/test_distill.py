@@ -228,3 +228,16 @@ def test_the_quality_auc_takes_a_validation_set_of_ten_rows() -> None:
     rng = np.random.default_rng(0)
     auc = _auc(rng.normal(size=(10, 4)), rng.normal(size=(10, 4)) + 3.0, seed=0)
     assert auc == 0.5
+
+
+def test_the_quality_auc_of_a_student_that_copies_its_teacher_is_one_half() -> None:
+    """Student and teacher samples come in twins (the same noise and context). With a twin in each half the
+    classifier recognises a training row's twin and scores far below 0.5 (0.2-0.35 on these rows)."""
+    import numpy as np
+
+    from hpc_calo.distill.diagnose import _auc
+
+    rng = np.random.default_rng(1)
+    teacher = rng.standard_t(3, size=(2000, 40))
+    assert abs(_auc(teacher + 0.01 * rng.normal(size=teacher.shape), teacher, seed=0) - 0.5) < 0.05
+    assert _auc(teacher + 1.0, teacher, seed=0) > 0.9  # and a student that is off is still seen

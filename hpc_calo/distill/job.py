@@ -110,7 +110,8 @@ def report_quality(job: DistillJob, n: int) -> dict[str, Any]:
     from hpc_calo.distill.diagnose import diagnose
 
     weights = rundir.weights_in(job.out_dir)
-    of = {"weights": files_digest([job.teacher_path, weights]), "rows_asked": n, "seed": job.cfg.seed}
+    # "check": the version of hpc_calo.distill.diagnose; a record of an earlier one (its AUC read low) is made again.
+    of = {"weights": files_digest([job.teacher_path, weights]), "rows_asked": n, "seed": job.cfg.seed, "check": 2}
     path = rundir.diagnostics_in(job.out_dir)
     result = json.loads(path.read_text()) if path.is_file() else {}
     if result.get("of") != of:
