@@ -105,14 +105,15 @@ PRESETS: dict[str, Preset] = {
         # ``small`` with the reference's DS2 flow-3 (hidden 256, two layers, 8 blocks): ~4x the flow-3 cost per
         # step, and in 5,000 steps at 2e-3 (0.6 CPU-hours) a better teacher chain than ``small``'s flow-3 in
         # 18,000 (BENCHMARKS.md, "The teacher chain at high-level AUC 0.789"). Its flow-3 student is as wide as
-        # the teacher.
+        # the teacher; the students' budgets are those that brought the student chain within +0.05 of its
+        # teacher (BENCHMARKS.md, "The `medium` chain's students").
         Preset(
             "medium",
             None,
             {1: FlowArch(64, 1), 2: FlowArch(128, 1, 128), 3: FlowArch(256, 2, 256, blocks=8)},
             blocks=4,
             epochs={1: 30, 2: 30, 3: 10},
-            steps={"flow3": 5000},
+            steps={"flow3": 5000, "flow2_student": 3000, "flow3_student": 6000},
             max_lr={1: 1e-3, 2: 1e-3, 3: 2e-3},
             batch_size=500,
             energies="shares",
