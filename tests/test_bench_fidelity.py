@@ -104,6 +104,9 @@ def test_goals_of_a_teachers_only_run_leave_the_student_out() -> None:
     assert out["teacher_cls_low_auc<=0.85"] and not out["teacher_cls_high_auc<=0.80"]
     assert out["teacher_S(e_layer)<=2x_floor"] and not any(k.startswith("student") for k in out)
 
+    sp["etot_einc"] = None  # an untrained chain: no generated shower in the reference's range
+    assert not goals(result)["teacher_S(etot_einc)<=2x_floor"]
+
 
 @pytest.mark.integration
 def test_stopping_the_benchmark_stops_the_step_it_runs(tmp_path: Path) -> None:

@@ -20,7 +20,8 @@ def test_gpu_check_dry_run_runs_every_phase_and_writes_every_item(tmp_path: Path
     r = subprocess.run(["bash", "bench/gpu/check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=390)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for phase in ("1/3 wheels", "2/3 pytest exited 0", "3/3 benchmarks exited 0", "plan on cpu"):
+    for phase in ("1/4 wheels", "2/4 pytest exited 0", "3/4 benchmarks exited 0", "4/4 convergence benchmark exited 0",
+                  "plan on cpu"):
         assert phase in r.stdout, phase
     assert "skipped" in (tmp_path / "pytest.txt").read_text()  # no CUDA here: the GPU tests skip cleanly
     results = json.loads((tmp_path / "gpu_bench.json").read_text())
@@ -29,3 +30,7 @@ def test_gpu_check_dry_run_runs_every_phase_and_writes_every_item(tmp_path: Path
     assert results["production"]["ds2"]["showers"] > 0
     assert "cpu" in results["classifier"] and any("pairs_per_s" in c for c in results["train"].values()
                                                    if isinstance(c, dict))
+    fidelity = json.loads((tmp_path / "fidelity.json").read_text())  # the convergence benchmark, end to end
+    assert fidelity["settings"]["device"] == "cpu" and fidelity["settings"]["quick"] is True
+    assert {"teacher", "floor"} <= set(fidelity["chains"]) and "cls_high" in fidelity["chains"]["teacher"]
+    assert any(p.name.startswith("flow3") for p in (tmp_path / "fidelity_logs").iterdir())
