@@ -485,9 +485,6 @@ def test_device_defaults_and_gpus_only_for_stages_that_use_them(tmp_path: Path) 
 
 
 @pytest.mark.integration
-@pytest.mark.skip(reason="flaky after another local head in the same pytest process: its `ray job submit` then "
-                         "fails inside the CLI; passes on its own (python -m pytest tests/test_launch.py -k "
-                         "shipped_runtime_env); to be made independent of the previous head")
 def test_ray_job_submit_with_the_shipped_runtime_env(tmp_path: Path) -> None:
     """The README's command: launch/runtime_env.yaml ships the checkout and pip-installs it into the job's
     environment on the node; the job's first stage runs from there."""
