@@ -81,6 +81,7 @@ log "3/4 benchmarks exited $BENCH; results: $OUT/gpu_bench.json"
 # 4. convergence benchmark ---------------------------------------------------------------------------------
 # Its data and models stay out of $OUT (they are large); on a machine kept warm a second run resumes them.
 FID_S=$(( BUDGET - $(elapsed) - 5 ))
+(( FID_S < 30 )) && FID_S=30  # timeout 0 would mean no limit at all
 if (( DRY )); then
     WORK=$(mktemp -d)
     FID=(--quick --teachers-only --device cpu --jobs 2)
