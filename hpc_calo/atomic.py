@@ -57,17 +57,19 @@ def remove(path: Path) -> None:
 
 
 @contextmanager
-def atomic_path(target: str | os.PathLike[str], kind: Kind | None = None) -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike[str], kind: Kind | None = None, sweep: bool = True) -> Iterator[Path]:
     """Yield a temporary path to write; on success rename it to ``target``, on error delete it.
 
     With ``kind`` the target is claimed first (hpc_calo.outputs.claim: an existing target must be of that
     kind). Without it an existing file is replaced (a command's own files inside a folder it owns) but an
-    existing directory never is.
+    existing directory never is. ``sweep=False`` skips removing the target's stale temporaries: finding them
+    scans the whole directory, so a writer of many files in one directory (the sampler's parts) sweeps once
+    for all of them instead of once per file.
     """
     target = Path(os.path.abspath(target))
     if kind is not None:
         claim(target, kind)
-    for stale in stale_temps(target):
+    for stale in stale_temps(target) if sweep else ():
         remove(stale)
     tmp = temp_name(target)
     remove(tmp)

@@ -4,6 +4,7 @@ cost stays flat as the shard count grows, and the scaling benchmark runs end to 
 from __future__ import annotations
 
 import json
+import os
 import time
 import tracemalloc
 from itertools import islice
@@ -48,6 +49,25 @@ def test_shard_set_of_a_resumed_request() -> None:
     assert todo.showers(plan.shards) == 5 * 10 + 5
     assert ShardSet.where(done[:9]).showers(plan.shards) == 40  # without the short last shard
     assert list(ShardSet.where(np.zeros(3, bool))) == [] and not ShardSet.where(np.zeros(3, bool))
+
+
+def test_writing_a_part_scans_no_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parts directory holds two files per shard: a scan per part written would make a run of S shards cost
+    O(S^2). Stale temporaries are swept once, by the gather."""
+    plan = make_plan(Request(run_dir=tmp_path, n=10, shard_size=5), DS2, (1e3, 1e6), "w")
+    parts = PartsDir(tmp_path / "parts")
+    parts.claim(plan)
+    stale = parts.path / ".part-000001.h5.tmp-elsewhere-1"  # a killed writer's
+    stale.write_bytes(b"")
+    scans: list[object] = []
+    scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path=".": scans.append(path) or scandir(path))
+    shard = plan.shards[0]
+    parts.write(plan, shard, plan.energies(shard), [np.ones((5, DS2.n_voxels), np.float32)])
+    assert scans == [] and parts.valid(plan, 0) is not None
+    assert stale.exists()
+    parts.clean_temps(plan)
+    assert not stale.exists() and len(scans) == 1
 
 
 def test_scaling_reports_the_median_of_interleaved_repetitions() -> None:

@@ -165,6 +165,7 @@ class CaloWriter:
     With ``n_total`` the datasets are preallocated and closing with fewer or more rows is an error. An existing
     file at ``path`` is replaced only if it is of ``kind`` (default: a CaloChallenge file; None for a command's
     own files in a folder it owns). A full disk or read-only directory is one UserError and leaves nothing.
+    ``sweep``: as in :func:`hpc_calo.atomic.atomic_path`.
 
     With gzip, whole chunks of showers are compressed by ``threads`` threads (0: the CPUs this process owns)
     while the caller goes on, and stored as they are; at most two chunks per thread wait, which bounds memory.
@@ -180,6 +181,7 @@ class CaloWriter:
         attrs: dict[str, object] | None = None,
         kind: Kind | None = CALO_FILE,
         threads: int = 0,
+        sweep: bool = True,
     ) -> None:
         if compression not in (None, "none", "gzip"):
             raise UserError(f"unknown compression {compression!r}: choose gzip or none")
@@ -191,6 +193,7 @@ class CaloWriter:
         self.compression = None if compression == "none" else compression
         self.attrs = attrs or {}
         self.kind = kind
+        self.sweep = sweep
         self.threads = threads or owned_cpus()
         self.n_written = 0
         self._stack = ExitStack()
@@ -201,7 +204,7 @@ class CaloWriter:
 
     def __enter__(self) -> CaloWriter:
         writable_parent(self.path)
-        tmp = self._tmp = self._stack.enter_context(atomic_path(self.path, self.kind))
+        tmp = self._tmp = self._stack.enter_context(atomic_path(self.path, self.kind, self.sweep))
         try:
             self._create(tmp)
         except BaseException as err:

@@ -311,18 +311,28 @@ def _mpi_body(MPI: Any, comm: Any, req: Request, output: Output, launch: Launch)
     except BaseException as err:
         # The other ranks would wait at the barrier forever: stop the whole job (finished parts stay).
         abort_world(comm, err)
-    # Non-blocking barrier polled with sleeps: a blocking one would spin a core that other ranks need.
-    barrier = comm.Ibarrier()
-    while not barrier.Test():
-        if rank == 0:
-            refresh()
-        time.sleep(0.02)
+    _barrier(comm, refresh if rank == 0 else None)
     if rank != 0:
+        # Wait out rank 0's gather asleep here: ranks that went on to exit would spin in MPI_Finalize on the
+        # cores the gather needs.
+        _barrier(comm)
         return None
     seconds = time.perf_counter() - t0
     bar.n = plan.n
     bar.close()
-    return finish(plan, parts, output, todo, seconds, startup, launch.progress)
+    try:
+        return finish(plan, parts, output, todo, seconds, startup, launch.progress)
+    finally:
+        _barrier(comm)
+
+
+def _barrier(comm: Any, tick: Callable[[], None] | None = None) -> None:
+    """A barrier polled with sleeps: a blocking one would spin a core that other ranks need."""
+    barrier = comm.Ibarrier()
+    while not barrier.Test():
+        if tick is not None:
+            tick()
+        time.sleep(0.02)
 
 
 def _rank_device(device: str, local_rank: int) -> str:

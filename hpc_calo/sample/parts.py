@@ -10,7 +10,8 @@ Layout of ``<out>.parts/``::
 A shard counts as done exactly when its record exists, names this request's fingerprint and its part file
 is there with the recorded size. Records are per part, so concurrent writers (Ray actors, MPI ranks on many
 nodes of a shared filesystem) never touch the same file and need no lock; a writer killed at any moment
-leaves at most a temporary file or a part without a record, and both mean "not done".
+leaves at most a temporary file or a part without a record, and both mean "not done". Its temporaries are
+swept once, by the gather, not by every write: a sweep scans the directory, which holds two files per shard.
 """
 
 from __future__ import annotations
@@ -131,7 +132,8 @@ class PartsDir:
         part = self.part_path(shard.index)
         digest = hashlib.sha256(np.ascontiguousarray(energies, dtype="<f8").data)
         # Uncompressed: parts are temporary and the gather re-chunks (and compresses) anyway.
-        with CaloWriter(part, plan.geometry, n_total=shard.count, compression="none", kind=None) as w:
+        with CaloWriter(part, plan.geometry, n_total=shard.count, compression="none", kind=None,
+                        sweep=False) as w:
 
             def write(showers: np.ndarray) -> None:
                 showers = np.ascontiguousarray(showers, dtype="<f4")
@@ -154,7 +156,7 @@ class PartsDir:
             "seconds": round(seconds + time.perf_counter() - t0, 3),
             "time": time.time(),
         }
-        with atomic_path(self.record_path(shard.index)) as tmp:
+        with atomic_path(self.record_path(shard.index), sweep=False) as tmp:
             tmp.write_text(json.dumps(record))
 
     def discard(self, index: int) -> None:
