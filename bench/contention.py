@@ -1,15 +1,17 @@
-"""``python -m bench.contention [--steps N] [--reps R] [--out FILE]``: training speed when another process
-takes one of this process's cores.
+"""``python -m bench.contention [--preset P] [--steps N] [--reps R] [--out FILE]``: training speed when another
+process takes one of this process's cores.
 
-Trains the ``tiny`` DS2 flow-3 teacher (optimiser steps on random raw batches of the preset's size) and
-reports samples/s idle and with one competitor: a Python busy loop pinned to the last CPU this process may
-use. Each case runs in a fresh process, because OpenMP reads its settings when torch loads it. The settings:
+Trains a DS2 flow-3 teacher (``tiny`` by default; optimiser steps on random raw batches of the preset's size)
+and reports samples/s idle and with one competitor: a Python busy loop pinned to the last CPU this process may
+use, started before the case. Each case runs in a fresh process, because OpenMP reads its settings when torch
+loads it. The settings:
 
-- ``before``: torch's defaults (torch imported first, so OpenMP keeps its own wait policy; one thread per core);
-- ``after``: what every hpc-calo command does (``hpc_calo`` imported first, ``hpc_calo.cpus.torch_threads()``);
-- ``after_env``: as ``after`` with ``OMP_WAIT_POLICY=PASSIVE`` set by the parent instead of in the process;
-- ``after_interop1``: as ``after`` plus ``torch.set_num_interop_threads(1)``;
-- ``one_thread``: as ``after`` with one torch thread.
+- ``before``: torch's defaults (one thread per core; OpenMP spins a while at the end of each parallel region);
+- ``passive``: one thread per owned CPU with ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep at once instead);
+- ``after``: what ``hpc_calo.train`` does by default: torch's defaults, with ``hpc_calo.cpus.ThreadGovernor``
+  sizing the threads to the owned CPUs other processes leave free (looked at before the first step and polled
+  after every step, as the training loop does);
+- ``one_thread``: one torch thread.
 
 Cases are interleaved over the repetitions and the median is reported. Other jobs on the machine count as
 load: the JSON records the load average before and after, so that a busy "idle" is visible.
@@ -29,36 +31,36 @@ from typing import Any
 
 from bench.report import emit, machine
 
-VARIANTS = ("before", "after", "after_env", "after_interop1", "one_thread")
+VARIANTS = ("before", "passive", "after", "one_thread")
 
 _CHILD = """
 import json, os, sys, time
-variant, steps, max_s = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-if variant == "before":
-    import torch  # before hpc_calo: OpenMP starts with its own defaults
-else:
-    import hpc_calo  # as every command: OpenMP's wait policy is set before torch loads
-policy = os.environ.get("OMP_WAIT_POLICY")  # the one OpenMP saw
+variant, preset, steps, max_s = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+policy = os.environ.get("OMP_WAIT_POLICY")  # the one OpenMP will see
 import torch
 from bench.train import raw_pairs
-from hpc_calo.cpus import torch_threads
+from hpc_calo.cpus import governed_threads, torch_threads
 from hpc_calo.flows.presets import get_preset
 from hpc_calo.geometry import DS2
 from hpc_calo.models import FlowModel
-if variant != "before":
-    torch_threads(1 if variant == "one_thread" else 0)
-if variant == "after_interop1":
-    torch.set_num_interop_threads(1)
+gov = None
+if variant == "passive":
+    torch_threads(0)
+elif variant != "before":
+    gov = governed_threads(1 if variant == "one_thread" else 0)
 torch.manual_seed(0)
-model = FlowModel.from_preset(3, DS2, "tiny")
+model = FlowModel.from_preset(3, DS2, preset)
 opt = torch.optim.Adam(model.parameters(), lr=1e-4)
 g = torch.Generator().manual_seed(0)
-batch = get_preset("tiny").batch_size
+batch = get_preset(preset).batch_size
+first = torch.get_num_threads()
 def step():
     loss = model(raw_pairs(DS2.voxels_per_layer, batch, g))
     opt.zero_grad()
     loss.backward()
     opt.step()
+    if gov is not None:
+        gov.poll()
 for _ in range(3):  # warm-up
     step()
 t0 = time.perf_counter()
@@ -67,25 +69,25 @@ while done < steps and (done < 3 or time.perf_counter() - t0 < max_s):
     step()
     done += 1
 dt = time.perf_counter() - t0
-print(json.dumps({"samples_per_s": done * batch / dt, "steps": done, "threads": torch.get_num_threads(),
-                  "interop_threads": torch.get_num_interop_threads(),
-                  "wait_policy": policy}))
+print(json.dumps({"samples_per_s": done * batch / dt, "steps": done, "threads_first": first,
+                  "threads_last": torch.get_num_threads(), "wait_policy": policy}))
 """
 
 _BUSY = "while True:\n    pass\n"
 
 
-def run_case(variant: str, steps: int, max_s: float) -> dict[str, Any]:
+def run_case(variant: str, preset: str, steps: int, max_s: float) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
-    if variant == "after_env":
+    if variant == "passive":
         env["OMP_WAIT_POLICY"] = "PASSIVE"
-    out = subprocess.run([sys.executable, "-c", _CHILD, variant, str(steps), str(max_s)], env=env, check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run([sys.executable, "-c", _CHILD, variant, preset, str(steps), str(max_s)], env=env,
+                         check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.contention", description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="tiny", help="the flow-3 preset trained (default tiny)")
     p.add_argument("--steps", type=int, default=40, help="timed optimiser steps per case (default 40)")
     p.add_argument("--max-seconds", type=float, default=20.0,
                    help="stop a case after this long (at least 3 steps), so collapsed cases stay short")
@@ -107,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 time.sleep(0.5)
             try:
                 for v in args.variants:
-                    r = run_case(v, args.steps, args.max_seconds)
+                    r = run_case(v, args.preset, args.steps, args.max_seconds)
                     runs.setdefault(f"{v}/{'busy' if busy else 'idle'}", []).append(r)
                     print(v, "busy" if busy else "idle", r, file=sys.stderr)
             finally:
@@ -119,13 +121,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         idle, busy = (statistics.median(r["samples_per_s"] for r in runs[f"{v}/{c}"]) for c in ("idle", "busy"))
         first = runs[f"{v}/idle"][0]
         cases[v] = {"idle_samples_per_s": round(idle, 1), "busy_samples_per_s": round(busy, 1),
-                    "busy_over_idle": round(busy / idle, 3), "threads": first["threads"],
-                    "interop_threads": first["interop_threads"], "wait_policy": first["wait_policy"],
+                    "busy_over_idle": round(busy / idle, 3), "wait_policy": first["wait_policy"],
+                    "threads_first_last": {
+                        c: sorted({(r["threads_first"], r["threads_last"]) for r in runs[f"{v}/{c}"]})
+                        for c in ("idle", "busy")},
                     "samples_per_s_each_run": {c: [round(r["samples_per_s"], 1) for r in runs[f"{v}/{c}"]]
                                                for c in ("idle", "busy")}}
-    report = {"bench": "contention", "model": "tiny DS2 flow-3 teacher, float32", "steps": args.steps,
+    report = {"bench": "contention", "model": f"{args.preset} DS2 flow-3 teacher, float32", "steps": args.steps,
               "max_seconds": args.max_seconds, "reps": args.reps, "competitor_cpu": cpus[-1],
-              "goal": "after: busy >= 0.4x idle", "cases": cases, "machine": machine(),
+              "goal": "after: busy >= 0.4x idle, and idle not slower than before", "cases": cases, "machine": machine(),
               "loadavg_before": [round(x, 2) for x in load_before],
               "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
     emit(report, args.out)

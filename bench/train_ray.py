@@ -7,7 +7,10 @@ variant, measured side by side in one run, interleaved and repeated (the box is 
 
 - ``plain``: ``python -m hpc_calo.train``'s single-process ``fit`` with one torch thread;
 - ``ray1``: the same job through Ray Train with one worker (1 CPU, DDP over gloo with world size 1);
-- ``ray2``: two Ray Train workers, each with half the global batch.
+- ``ray2``: two Ray Train workers, each with half the global batch;
+- ``plain2`` (``--side-by-side``): two independent plain trainings at once, each with half the global batch: the
+  same work per process as ``ray2`` without the all-reduce, so ``plain2 / plain`` is what the cores themselves
+  give (shared caches and memory bandwidth) and ``ray2 / plain2`` what the gradient synchronisation costs.
 
 samples/s counts the training examples (layer pairs) of the optimiser steps over the time ``fit`` spent in its
 loop (``train_s``, which excludes Ray start-up); the fixed cost of starting a worker group is reported apart
@@ -29,6 +32,7 @@ import os
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -60,7 +64,36 @@ def job(store: Path, out: Path, preset: str, batch: int, steps: int, device: str
 
 
 def j_workers(name: str) -> int:
-    return 1 if name == "plain" else int(name.removeprefix("ray"))
+    return 1 if name == "plain" else int(name.removeprefix("ray").removeprefix("plain"))
+
+
+_PLAIN_CHILD = """
+import json, sys, time
+from pathlib import Path
+from bench.train_ray import job
+from hpc_calo.train.job import run_local
+store, out, preset, batch, steps = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+cpu = time.process_time()
+summary = run_local(job(store, out, preset, batch, steps))
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))  # kB; fresh at exec
+print(json.dumps({"train_s": summary["train_s"], "steps": summary["global_step"], "cpu_s": time.process_time() - cpu,
+                  "peak_rss_mb": hwm / 1024}))
+"""
+
+
+def run_side_by_side(n: int, store: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """``n`` plain, independent trainings at once, each on 1/n of the global batch: the same work per process as
+    n Ray workers, without the gradient all-reduce. What n cores give for this work, Ray or not."""
+    out.mkdir(parents=True, exist_ok=True)
+    procs = [subprocess.Popen([sys.executable, "-c", _PLAIN_CHILD, str(store), str(out / str(k)), args.preset,
+                               str(args.batch // n), str(args.steps)], stdout=subprocess.PIPE, text=True)
+             for k in range(n)]
+    runs = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError("a side-by-side training failed")
+    return {"global_step": min(r["steps"] for r in runs), "train_s": max(r["train_s"] for r in runs),
+            "cpu_s": sum(r["cpu_s"] for r in runs) / n,
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs)}
 
 
 def run_variant(name: str, store: Path, root: Path, args: argparse.Namespace, rep: int) -> dict[str, Any]:
@@ -74,6 +107,8 @@ def run_variant(name: str, store: Path, root: Path, args: argparse.Namespace, re
     if name == "plain":
         summary = run_local(j)
         summary["cpu_s"] = time.process_time() - cpu
+    elif name.startswith("plain"):
+        summary = run_side_by_side(j_workers(name), store, out, args)
     else:
         summary = run_ray(j, RayConfig(workers=j_workers(name), gpus_per_worker=args.gpus_per_worker))
     wall = time.perf_counter() - t
@@ -104,6 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="optimiser steps per run (default 300, quick 15)")
     p.add_argument("--reps", type=int, default=None, help="repetitions of each variant (default 3, quick 1)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per Ray worker (default 0: CPU)")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="also run plain2: two independent plain trainings at once, each on half the global batch "
+                        "(what two cores give for this work without the all-reduce)")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     args.steps = args.steps or (15 if args.quick else 300)
@@ -119,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         store = make_store(root, args.dataset, args.showers)
         ray.init(num_cpus=2, include_dashboard=False, _temp_dir=ray_tmp, log_to_driver=False)
-        variants: tuple[str, ...] = ("plain", "ray1", "ray2")
+        variants: tuple[str, ...] = ("plain", "ray1", "ray2", *(("plain2",) if args.side_by_side else ()))
         if args.gpus_per_worker > 0:
             import torch
 
@@ -148,6 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cpu_s_per_1k_samples_median": cpu,
         "ray1_cpu_overhead_vs_plain": cpu["ray1"] / cpu["plain"] - 1.0,
         "ray2_cpu_per_sample_vs_ray1": cpu["ray2"] / cpu["ray1"] if "ray2" in cpu else None,
+        "plain2_speedup_vs_plain": med["plain2"] / med["plain"] if "plain2" in med else None,
+        "plain2_cpu_per_sample_vs_plain": cpu["plain2"] / cpu["plain"] if "plain2" in cpu else None,
         "records": records,
     }
     emit(result, args.out)

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=non_negative_int("--seed"), default=DEFAULT_SEED,
                    help=f"seed for the splits, initialisation, shuffling, FPD/KPD (default {DEFAULT_SEED})")
     p.add_argument("--threads", type=non_negative_int("--threads"), default=0,
-                   help="torch CPU threads of the classifiers, 0: the CPUs this process owns")
+                   help="torch CPU threads of the classifiers; 0: the CPUs this process owns less those other "
+                        "processes keep busy, looked at again every second")
     p.add_argument("--cls-hidden", type=positive_int("--cls-hidden"), default=2048,
                    help="classifier width (official: 2048)")
     p.add_argument("--cls-batch", type=positive_int("--cls-batch"), default=1000,

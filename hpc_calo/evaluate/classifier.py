@@ -28,6 +28,7 @@ from sklearn.isotonic import IsotonicRegression
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
+from hpc_calo.cpus import ThreadGovernor
 from hpc_calo.io import Block
 from hpc_calo.prefetch import prefetch
 
@@ -227,8 +228,11 @@ def _scores(p: np.ndarray, y: np.ndarray) -> dict[str, float]:
     }
 
 
-def train_and_score(data: ClassifierData, cfg: ClassifierConfig, desc: str) -> dict[str, object]:
-    """Train with the official recipe; return calibrated (headline) and raw scores on the validation split."""
+def train_and_score(data: ClassifierData, cfg: ClassifierConfig, desc: str,
+                    threads: ThreadGovernor | None = None) -> dict[str, object]:
+    """Train with the official recipe; return calibrated (headline) and raw scores on the validation split.
+
+    ``threads`` is polled after every batch (torch threads follow the CPUs other processes leave free)."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed + 1)
     dev = torch.device(cfg.device)
@@ -253,6 +257,8 @@ def train_and_score(data: ClassifierData, cfg: ClassifierConfig, desc: str) -> d
                 total += loss.item() * len(x)
                 seen += len(x)
                 bar.update(1)
+                if threads is not None:
+                    threads.poll()
             test_acc = float(np.mean((_logits(model, test, cfg, buffer_rows) > 0) == (test.labels > 0.5)))
             history.append({"epoch": epoch, "train_loss": total / max(seen, 1), "test_accuracy": test_acc})
             bar.set_postfix(epoch=epoch, test_acc=f"{test_acc:.4f}")

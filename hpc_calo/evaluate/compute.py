@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 
 from hpc_calo.atomic import atomic_path
-from hpc_calo.cpus import torch_threads
+from hpc_calo.cpus import governed_threads
 from hpc_calo.errors import UserError
 from hpc_calo.evaluate import plots
 from hpc_calo.evaluate.boost import GROUPS, boost_score
@@ -103,7 +103,8 @@ def run(cfg: EvaluateRequest, geo: Geometry) -> dict[str, object]:
     """Compute every requested metric and write the report (``evaluate`` has checked the request)."""
     cls_cfg = _cls_config(cfg) if CLASSIFIERS & set(cfg.metrics) else None
     t_start = time.perf_counter()
-    workers = torch_threads(cfg.threads)
+    threads = governed_threads(cfg.threads)
+    workers = threads.ceiling
     timings: dict[str, float] = {}
     report: dict[str, object] = {}
     with CaloFile(cfg.gen, geo) as fg, CaloFile(cfg.ref, geo) as fr, atomic_path(cfg.out, REPORT_DIR) as tmp:
@@ -156,7 +157,7 @@ def run(cfg: EvaluateRequest, geo: Geometry) -> dict[str, object]:
             assert cls_cfg is not None
             t = time.perf_counter()
             try:
-                report["cls_low"] = _checked_steps(train_and_score(low, cls_cfg, "classifier low-level"))
+                report["cls_low"] = _checked_steps(train_and_score(low, cls_cfg, "classifier low-level", threads))
             finally:
                 low.close()
                 shutil.rmtree(tmp / "_cls_low", ignore_errors=True)
@@ -169,7 +170,7 @@ def run(cfg: EvaluateRequest, geo: Geometry) -> dict[str, object]:
                 for c, feats in ((0, gen_f), (1, ref_f)):
                     x = feats.high_level_inputs()[:n_cls]
                     high.add(c, np.arange(n_cls), x)
-                report["cls_high"] = _checked_steps(train_and_score(high, cls_cfg, "classifier high-level"))
+                report["cls_high"] = _checked_steps(train_and_score(high, cls_cfg, "classifier high-level", threads))
             finally:
                 high.close()
                 shutil.rmtree(tmp / "_cls_high", ignore_errors=True)

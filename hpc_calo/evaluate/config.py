@@ -30,7 +30,7 @@ class EvaluateRequest:
     device: str = "cpu"
     epochs: int = 50
     seed: int = DEFAULT_SEED
-    threads: int = 0  # torch CPU threads of the classifiers; 0: the CPUs this process owns
+    threads: int = 0  # torch CPU threads of the classifiers; 0: governed (hpc_calo.cpus.ThreadGovernor)
     cls_hidden: int = 2048
     cls_batch: int = 1000
     buffer_mb: int = 512

@@ -300,12 +300,14 @@ class CaloWriter:
         self._spare.append(buf)
 
     def _finish(self) -> None:
-        """Store the queued chunks, then the rows of a last, partial chunk: h5py pads and filters that one."""
+        """Store the queued chunks and a last, partial one, zero-padded to a whole chunk as HDF5 stores edge chunks
+        (compressed in the pool like the others: done on this thread it would be a serial tail)."""
+        if self._fill:
+            self._rows[self._fill :] = 0
+            self._queued.append((self._chunks * len(self._rows), self._rows, self._pool.submit(gzip_chunk, self._rows)))
+            self._fill = 0
         while self._queued:
             self._store_oldest()
-        if self._fill:
-            a = self._chunks * len(self._rows)
-            self._s[a : a + self._fill] = self._rows[: self._fill]
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

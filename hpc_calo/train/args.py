@@ -40,7 +40,8 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every", type=positive_int("--log-every"), default=50,
                    help="steps between progress lines (default 50)")
     p.add_argument("--threads", type=non_negative_int("--threads"), default=0,
-                   help="torch CPU threads, 0: the CPUs this process owns (default 0)")
+                   help="torch CPU threads; 0: the CPUs this process owns less those other processes keep busy, "
+                        "looked at again every second (default 0)")
     p.add_argument("--memory-gb", type=positive_float("--memory-gb"), default=2.0,
                    help="memory budget of the data loaders in GB: preload the share if it fits, else stream")
     p.add_argument("--max-steps", type=positive_int("--max-steps"), default=None,

@@ -36,7 +36,7 @@ from torch import nn
 
 from hpc_calo import rundir
 from hpc_calo.atomic import atomic_path
-from hpc_calo.cpus import torch_threads
+from hpc_calo.cpus import governed_threads
 from hpc_calo.errors import Stopped, UserError
 from hpc_calo.train.checkpoint import check_meta, load_checkpoint, rng_state, save_checkpoint, seed_all, set_rng_state
 from hpc_calo.train.config import TrainConfig
@@ -310,7 +310,8 @@ def _fit(model: nn.Module, train_loader: Any, val_loader: Any, cfg: TrainConfig,
     is_rank0 = rank == 0
     if is_rank0:
         out_dir.mkdir(parents=True, exist_ok=True)
-    threads = torch_threads(cfg.num_threads)
+    gov = governed_threads(cfg.num_threads)
+    threads = gov.threads
     device, dtype = _device(cfg), cfg.torch_dtype
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
     raw: nn.Module = getattr(model, "module", model)
@@ -374,6 +375,10 @@ def _fit(model: nn.Module, train_loader: Any, val_loader: Any, cfg: TrainConfig,
     progress = _Progress(cfg, out_dir, is_rank0, total_steps, global_step, steps_per_epoch, epoch, step_in_epoch)
     progress.write({"event": "start", "step": global_step, "torch_threads": threads})
     t_start, cpu_start = time.perf_counter(), time.process_time()
+    core_at = [t_start, 0.0]  # when the thread count last changed, and the core-seconds before it
+
+    def core_s() -> float:
+        return trained_core_s + (core_at[1] + (time.perf_counter() - core_at[0]) * threads) * world_size
     skipped = 0
     timing_from = (global_step, t_start)
 
@@ -389,7 +394,7 @@ def _fit(model: nn.Module, train_loader: Any, val_loader: Any, cfg: TrainConfig,
                 "epoch": ep, "step_in_epoch": step, "global_step": global_step,
                 "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "budget": budget, "timed": timed,
                 "train_s": trained_s + time.perf_counter() - t_start,
-                "core_s": trained_core_s + (time.perf_counter() - t_start) * threads * world_size,
+                "core_s": core_s(),
                 # rank 0's process (its loader threads included) for every worker: ranks do equal work
                 "cpu_s": trained_cpu_s + (time.process_time() - cpu_start) * world_size,
                 "best_val": best_val, "last_val": last_val, "rng": states,
@@ -427,6 +432,15 @@ def _fit(model: nn.Module, train_loader: Any, val_loader: Any, cfg: TrainConfig,
             sched.step()
             global_step += 1
             step_in_epoch = i + 1
+            if (changed := gov.poll()) is not None:
+                now = time.perf_counter()
+                core_at[:] = [now, core_at[1] + (now - core_at[0]) * threads]
+                progress.write({"event": "threads", "step": global_step, "torch_threads": changed,
+                                "other_cpus": round(gov.others, 2)})
+                if is_rank0:
+                    print(f"[{cfg.name}] other processes use {gov.others:.1f} of this process's CPUs: "
+                          f"torch threads {threads} -> {changed}", file=sys.stderr, flush=True)
+                threads = changed
             ep_loss += loss.detach().double() * rows
             ep_rows += rows
             if global_step % cfg.log_every == 0:
