@@ -13,6 +13,9 @@ loads it. The settings:
   after every step, as the training loop does);
 - ``one_thread``: one torch thread.
 
+``--timeline``: one governed training of ``--preset`` for 22 s with the competitor from 6 s to 14 s: every thread
+change (when, to what, the CPUs the others used) and samples/s every 2 s.
+
 Cases are interleaved over the repetitions and the median is reported. Other jobs on the machine count as
 load: the JSON records the load average before and after, so that a busy "idle" is visible.
 """
@@ -75,6 +78,60 @@ print(json.dumps({"samples_per_s": done * batch / dt, "steps": done, "threads_fi
 
 _BUSY = "while True:\n    pass\n"
 
+_TIMELINE = """
+import json, os, subprocess, sys, time
+preset, busy_code, cpu = sys.argv[1], sys.argv[2], int(sys.argv[3])
+import torch
+from bench.train import raw_pairs
+from hpc_calo.cpus import governed_threads
+from hpc_calo.flows.presets import get_preset
+from hpc_calo.geometry import DS2
+from hpc_calo.models import FlowModel
+def say(**event):
+    print(json.dumps({"t_s": round(time.monotonic() - t0, 2), **event}), flush=True)
+t0 = time.monotonic()
+gov = governed_threads(0)
+say(event="start", threads=gov.threads)
+torch.manual_seed(0)
+model = FlowModel.from_preset(3, DS2, preset)
+opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+g = torch.Generator().manual_seed(0)
+batch = get_preset(preset).batch_size
+competitor, rows, since = None, 0, time.monotonic()
+while time.monotonic() - t0 < 22:
+    if competitor is None and time.monotonic() - t0 >= 6:
+        competitor = subprocess.Popen([sys.executable, "-c", busy_code])
+        os.sched_setaffinity(competitor.pid, {cpu})
+        say(event="competitor starts", cpu=cpu)
+    if competitor and time.monotonic() - t0 >= 14:
+        competitor.kill()
+        competitor.wait()
+        competitor = False
+        say(event="competitor stops")
+    loss = model(raw_pairs(DS2.voxels_per_layer, batch, g))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    rows += batch
+    if (changed := gov.poll()) is not None:
+        say(event="threads", threads=changed, other_cpus=round(gov.others, 2))
+    if time.monotonic() - since >= 2:
+        say(event="speed", samples_per_s=round(rows / (time.monotonic() - since)), threads=gov.threads)
+        rows, since = 0, time.monotonic()
+if competitor:
+    competitor.kill()
+"""
+
+
+def timeline(preset: str, cpu: int) -> list[dict[str, Any]]:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", _TIMELINE, preset, _BUSY, str(cpu)], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    for e in events:
+        print(e, file=sys.stderr)
+    return events
+
 
 def run_case(variant: str, preset: str, steps: int, max_s: float) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
@@ -93,11 +150,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="stop a case after this long (at least 3 steps), so collapsed cases stay short")
     p.add_argument("--reps", type=int, default=3, help="repetitions of every case (default 3)")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--timeline", action="store_true",
+                   help="one governed run with the competitor from 6 s to 14 s: thread changes and speed over time")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         raise SystemExit("needs at least 2 CPUs: the competitor takes one of them")
+    if args.timeline:
+        emit({"bench": "contention --timeline", "model": f"{args.preset} DS2 flow-3 teacher, float32",
+              "competitor_cpu": cpus[-1], "events": timeline(args.preset, cpus[-1]), "machine": machine()}, args.out)
+        return 0
     load_before = os.getloadavg()
     runs: dict[str, list[dict[str, Any]]] = {}
     for _ in range(args.reps):
