@@ -36,34 +36,40 @@ from bench.report import emit, machine
 
 VARIANTS = ("before", "passive", "after", "one_thread")
 
-_CHILD = """
-import json, os, sys, time
-variant, preset, steps, max_s = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-policy = os.environ.get("OMP_WAIT_POLICY")  # the one OpenMP will see
+# Both children: ``preset`` and ``gov`` (a ThreadGovernor or None) set before; one optimiser step per ``step()``,
+# the governor polled after it as the training loop does.
+_TRAINING = """
 import torch
 from bench.train import raw_pairs
-from hpc_calo.cpus import governed_threads, torch_threads
 from hpc_calo.flows.presets import get_preset
 from hpc_calo.geometry import DS2
 from hpc_calo.models import FlowModel
-gov = None
-if variant == "passive":
-    torch_threads(0)
-elif variant != "before":
-    gov = governed_threads(1 if variant == "one_thread" else 0)
 torch.manual_seed(0)
 model = FlowModel.from_preset(3, DS2, preset)
 opt = torch.optim.Adam(model.parameters(), lr=1e-4)
 g = torch.Generator().manual_seed(0)
 batch = get_preset(preset).batch_size
-first = torch.get_num_threads()
 def step():
     loss = model(raw_pairs(DS2.voxels_per_layer, batch, g))
     opt.zero_grad()
     loss.backward()
     opt.step()
-    if gov is not None:
-        gov.poll()
+    return None if gov is None else gov.poll()
+"""
+
+_CHILD = """
+import json, os, sys, time
+variant, preset, steps, max_s = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+policy = os.environ.get("OMP_WAIT_POLICY")  # the one OpenMP will see
+import torch
+from hpc_calo.cpus import governed_threads, torch_threads
+gov = None
+if variant == "passive":
+    torch_threads(0)
+elif variant != "before":
+    gov = governed_threads(1 if variant == "one_thread" else 0)
+first = torch.get_num_threads()
+""" + _TRAINING + """
 for _ in range(3):  # warm-up
     step()
 t0 = time.perf_counter()
@@ -81,22 +87,13 @@ _BUSY = "while True:\n    pass\n"
 _TIMELINE = """
 import json, os, subprocess, sys, time
 preset, busy_code, cpu = sys.argv[1], sys.argv[2], int(sys.argv[3])
-import torch
-from bench.train import raw_pairs
 from hpc_calo.cpus import governed_threads
-from hpc_calo.flows.presets import get_preset
-from hpc_calo.geometry import DS2
-from hpc_calo.models import FlowModel
 def say(**event):
     print(json.dumps({"t_s": round(time.monotonic() - t0, 2), **event}), flush=True)
 t0 = time.monotonic()
 gov = governed_threads(0)
 say(event="start", threads=gov.threads)
-torch.manual_seed(0)
-model = FlowModel.from_preset(3, DS2, preset)
-opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-g = torch.Generator().manual_seed(0)
-batch = get_preset(preset).batch_size
+""" + _TRAINING + """
 competitor, rows, since = None, 0, time.monotonic()
 while time.monotonic() - t0 < 22:
     if competitor is None and time.monotonic() - t0 >= 6:
@@ -108,12 +105,9 @@ while time.monotonic() - t0 < 22:
         competitor.wait()
         competitor = False
         say(event="competitor stops")
-    loss = model(raw_pairs(DS2.voxels_per_layer, batch, g))
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
+    changed = step()
     rows += batch
-    if (changed := gov.poll()) is not None:
+    if changed is not None:
         say(event="threads", threads=changed, other_cpus=round(gov.others, 2))
     if time.monotonic() - since >= 2:
         say(event="speed", samples_per_s=round(rows / (time.monotonic() - since)), threads=gov.threads)

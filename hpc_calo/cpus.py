@@ -121,7 +121,7 @@ class ThreadGovernor:
         return self.threads
 
     def poll(self) -> int | None:
-        if self.ceiling == 1 or self._last is None or self.clock() - self._last[0] < self.period_s:
+        if self._last is None or self.clock() - self._last[0] < self.period_s:  # None: not governed, or unreadable
             return None
         free = self._free()
         if free is None or free == self.threads:

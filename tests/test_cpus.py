@@ -163,16 +163,15 @@ def test_the_governor_keeps_the_ceiling_where_proc_stat_is_unreadable(monkeypatc
 def _flow3_step(preset: str):
     import torch
 
+    from bench.train import raw_pairs
     from hpc_calo.flows.presets import get_preset
     from hpc_calo.geometry import DS2
     from hpc_calo.models import FlowModel
 
-    model, b, v = FlowModel.from_preset(3, DS2, preset), get_preset(preset).batch_size, DS2.voxels_per_layer
+    model, b = FlowModel.from_preset(3, DS2, preset), get_preset(preset).batch_size
 
     def loss(g: torch.Generator) -> torch.Tensor:
-        prev, cur = (torch.rand(b, v, generator=g) * (torch.rand(b, v, generator=g) > 0.7) for _ in "pc")
-        return model({"e_inc": 10 ** (3 + 3 * torch.rand(b, generator=g)), "prev": prev, "cur": cur,
-                      "e_prev": prev.sum(1), "e_cur": cur.sum(1), "n": torch.randint(1, 45, (b,), generator=g)})
+        return model(raw_pairs(DS2.voxels_per_layer, b, g))
 
     return model, loss
 

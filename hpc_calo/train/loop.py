@@ -375,10 +375,10 @@ def _fit(model: nn.Module, train_loader: Any, val_loader: Any, cfg: TrainConfig,
     progress = _Progress(cfg, out_dir, is_rank0, total_steps, global_step, steps_per_epoch, epoch, step_in_epoch)
     progress.write({"event": "start", "step": global_step, "torch_threads": threads})
     t_start, cpu_start = time.perf_counter(), time.process_time()
-    core_at = [t_start, 0.0]  # when the thread count last changed, and the core-seconds before it
+    threads_since, core_before = t_start, 0.0  # when the thread count last changed, the core-seconds before it
 
     def core_s() -> float:
-        return trained_core_s + (core_at[1] + (time.perf_counter() - core_at[0]) * threads) * world_size
+        return trained_core_s + (core_before + (time.perf_counter() - threads_since) * threads) * world_size
     skipped = 0
     timing_from = (global_step, t_start)
 
@@ -434,7 +434,7 @@ def _fit(model: nn.Module, train_loader: Any, val_loader: Any, cfg: TrainConfig,
             step_in_epoch = i + 1
             if (changed := gov.poll()) is not None:
                 now = time.perf_counter()
-                core_at[:] = [now, core_at[1] + (now - core_at[0]) * threads]
+                core_before, threads_since = core_before + (now - threads_since) * threads, now
                 progress.write({"event": "threads", "step": global_step, "torch_threads": changed,
                                 "other_cpus": round(gov.others, 2)})
                 if is_rank0:
