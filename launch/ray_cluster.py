@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from hpc_calo.ray_session import NICENESS_ENV, WORKER_NICENESS
+
 log = logging.getLogger(__name__)
 
 
@@ -41,7 +43,7 @@ def ray_in_allocation(
     temp = f"/tmp/ray-{job_id}"
     head = f"{hostnames[0]}:{port}"
     done = done_dir / f"ray-{job_id}.done"
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {NICENESS_ENV: WORKER_NICENESS, **os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     common = [f"--num-cpus={cpus}", f"--num-gpus={gpus}", "--disable-usage-stats"]
     if rank == 0:
         done.unlink(missing_ok=True)

@@ -375,3 +375,20 @@ def test_request_a_fixed_cluster_cannot_place_is_refused(cluster: str) -> None:
     _check_resources(RayConfig(workers=2, cpus_per_worker=1), fixed=True)  # the 2-CPU test cluster fits it
     with pytest.raises(UserError, match="GPU in all, but 2 workers x 1 were requested"):
         _check_resources(RayConfig(workers=2, gpus_per_worker=1), fixed=True)
+
+
+def test_cli_with_workers_and_no_cluster_starts_a_local_ray_and_keeps_ray_noise_out(store: Path,
+                                                                                     tmp_path: Path) -> None:
+    """The user's command as written: ``--workers`` without a cluster starts a local Ray of its own, trains on it
+    and stops it. Its output has hpc-calo's lines, not a warning every few seconds from Ray Train's placement
+    group cleaner about the dashboard a local Ray does not start, nor torch's deprecation of a DDP flag."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, "-m", "hpc_calo.train", *train_args(store, tmp_path / "run", 3),
+                        "--workers", "1", "--steps", "400"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["global_step"] == 400
+    assert "rank 0/1 on cpu" in out
+    assert "Failed to query Ray Train Controller" not in out
+    assert "is deprecated" not in out

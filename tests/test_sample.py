@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -277,15 +276,20 @@ def test_gather_rejects_a_corrupt_part_and_forgets_it(tmp_path: Path) -> None:
 
 @pytest.fixture
 def local_ray():
+    """The local Ray every hpc-calo command starts when given no cluster."""
     ray = pytest.importorskip("ray")
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False)
-    try:
+    from hpc_calo.ray_session import ray_session
+
+    with ray_session(None, num_cpus=2):
         yield ray
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.integration
+def test_local_ray_runs_its_workers_at_the_drivers_niceness(local_ray) -> None:
+    # Not Ray's default of 15, below its own daemons: each of their wake-ups would preempt a busy worker.
+    niceness = local_ray.remote(lambda: os.getpriority(os.PRIO_PROCESS, 0))
+    assert local_ray.get(niceness.remote()) == os.getpriority(os.PRIO_PROCESS, 0)
+    assert "RAY_worker_niceness" not in os.environ  # the setting went to the cluster, not to this process
 
 
 @pytest.mark.integration

@@ -32,6 +32,7 @@ import resource
 import socket
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -118,24 +119,38 @@ def _device(ray_cfg: RayConfig) -> torch.device:
 
 
 def train_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """The per-worker function of the TorchTrainer: this rank's share of ``fit``.
+    """The per-worker function of the TorchTrainer: this rank's :func:`fit_shard`.
 
     ``config`` holds the picklable job and RayConfig. The process group is already set up by Ray
-    (``TorchConfig``); the model is built identically on every rank (seeded) and DDP broadcasts rank 0's
-    weights once more at construction, so all replicas start equal.
+    (``TorchConfig``).
     """
     import ray.train
 
     job: TrainJob = config["job"]
     ray_cfg: RayConfig = config["ray"]
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = _device(ray_cfg)
+
+    def report(metrics: dict[str, Any]) -> None:
+        if device.type == "cuda":
+            metrics = {**metrics, "peak_gpu_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+        ray.train.report(metrics)
+
+    return fit_shard(job, ray_cfg, ctx.get_world_rank(), ctx.get_world_size(), device, report)
+
+
+def fit_shard(job: TrainJob, ray_cfg: RayConfig, rank: int, world: int, device: torch.device,
+              report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Rank ``rank``'s share of ``fit`` in an initialised process group of ``world`` ranks.
+
+    The model is built identically on every rank (seeded) and DDP broadcasts rank 0's weights once more at
+    construction, so all replicas start equal. Returns ``fit``'s summary with this process's costs.
+    """
     out_dir = job.out_dir
     if not out_dir.is_dir():
         # The driver made it (Job.prepare): a worker that cannot see it is on a node without the shared disk.
         raise UserError(f"{out_dir}: run folder not visible on {socket.gethostname()}; put --out on shared storage")
 
-    device = _device(ray_cfg)
     cfg = replace(
         job.cfg,
         device=device.type,
@@ -160,21 +175,21 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     model = job.make_model().to(device=device, dtype=cfg.torch_dtype)
     # The flows' buffers are constant (MADE masks, permutations: as many numbers as the weights), so DDP need not
     # broadcast them from rank 0 before every forward pass; the gradients all-reduce straight from their buckets.
-    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                              broadcast_buffers=False, gradient_as_bucket_view=True)
+    with warnings.catch_warnings():
+        # torch 2.13 renames the flag (forward_sync_buffers); torch before 2.13 knows only this name.
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  broadcast_buffers=False, gradient_as_bucket_view=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    def report(metrics: dict[str, Any]) -> None:
-        if device.type == "cuda":
-            metrics = {**metrics, "peak_gpu_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30}
-        ray.train.report(metrics)
-
-    cpu0 = time.process_time()
+    cpu0, preempted0 = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
     hook = ray_cfg.step_hook
     before_step = None if hook is None else functools.partial(hook, rank)
     result = fit(ddp, train, val, cfg, out_dir, rank=rank, world_size=world, report=report, before_step=before_step)
     result["cpu_s"] = time.process_time() - cpu0  # this process's CPU time in fit (a contention-free cost)
+    # Involuntary context switches in fit: how often something else took this process's CPU.
+    result["preemptions"] = resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw - preempted0
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this worker's (Linux: KB)
     if device.type == "cuda":
         result["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
