@@ -78,7 +78,7 @@ def j_workers(name: str) -> int:
 
 
 _CHILD = """
-import json, sys, time
+import json, sys
 from pathlib import Path
 import torch
 import torch.distributed as dist
