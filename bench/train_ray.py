@@ -15,10 +15,14 @@ variant, measured side by side in one run, interleaved and repeated (the box is 
   per-rank code, ``fit_shard``), so ``ddp2 / plain2`` is what the gradient synchronisation costs and
   ``ray2 / ddp2`` what Ray Train adds to it.
 
-- ``ray1@K``, ``ray2@K`` (``--ray-niceness K``): ``ray1`` and ``ray2`` with Ray's workers at niceness K.
+- ``ray1@K``, ``ray2@K`` (``--ray-niceness K``): ``ray1`` and ``ray2`` with Ray's workers at niceness K;
+- ``ray1@other``, ``ray2@other`` (``--ray-other``): ``ray1`` and ``ray2`` with every thread of Ray's workers under
+  normal scheduling (``HPC_CALO_RAY_BATCH=0``), Ray's helper actors and the workers' own Ray threads included.
+  ``HPC_CALO_RAY_BATCH=0`` in the bench's own environment does that for every Ray variant.
 
 Each Ray run starts its own local Ray the way every hpc-calo command does (``hpc_calo.ray_session``: workers at
-niceness 0); its start is part of the start-up time. ``preemptions_per_s_rank0`` counts the involuntary context
+niceness 0, Ray's threads in them under SCHED_BATCH, the ranks' compute normal); its start is part of the start-up
+time. ``preemptions_per_s_rank0`` counts the involuntary context
 switches of rank 0's process per second of ``fit``: how often something else took its CPU.
 
 samples/s counts the training examples (layer pairs) of the optimiser steps over the time ``fit`` spent in its
@@ -136,7 +140,7 @@ def run_children(name: str, store: Path, out: Path, args: argparse.Namespace) ->
 
 
 def run_variant(name: str, store: Path, root: Path, args: argparse.Namespace, rep: int) -> dict[str, Any]:
-    from hpc_calo.ray_session import NICENESS_ENV, WORKER_NICENESS, ray_session
+    from hpc_calo.ray_session import BATCH_ENV, NICENESS_ENV, WORKER_NICENESS, ray_session
     from hpc_calo.train.distributed import RayConfig, run_ray
 
     out = root / f"{name}-{rep}"
@@ -147,13 +151,17 @@ def run_variant(name: str, store: Path, root: Path, args: argparse.Namespace, re
         summary = run_plain(j)
     elif not name.startswith("ray"):
         summary = run_children(name, store, out, args)
-    else:  # a Ray of its own for each run: ``rayN@K`` runs Ray's workers at niceness K
-        os.environ[NICENESS_ENV] = name.partition("@")[2] or WORKER_NICENESS
+    else:  # a Ray of its own for each run: ``rayN@K`` runs Ray's workers at niceness K, ``rayN@other`` normally
+        tag, saved = name.partition("@")[2], dict(os.environ)
+        os.environ[NICENESS_ENV] = tag if tag.isdigit() else WORKER_NICENESS
+        if tag == "other":
+            os.environ[BATCH_ENV] = "0"
         try:
             with ray_session(None, num_cpus=2):
                 summary = run_ray(j, RayConfig(workers=j_workers(name), gpus_per_worker=args.gpus_per_worker))
         finally:
-            os.environ.pop(NICENESS_ENV)
+            os.environ.clear()
+            os.environ.update(saved)
     wall = time.perf_counter() - t
     shutil.rmtree(out, ignore_errors=True)
     samples = summary["global_step"] * args.batch  # every step is a full global batch (steps < one epoch)
@@ -189,6 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ray-niceness", type=int, default=None, metavar="K",
                    help="also run ray1@K and ray2@K: Ray's workers at niceness K (Ray's own default is 15) instead "
                         "of hpc-calo's 0")
+    p.add_argument("--ray-other", action="store_true",
+                   help="also run ray1@other and ray2@other: every thread of Ray's workers under normal scheduling "
+                        "instead of hpc-calo's SCHED_BATCH for Ray's own threads")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     args.steps = args.steps or (15 if args.quick else 300)
@@ -205,6 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if torch.cuda.device_count() < 2 * args.gpus_per_worker:
                 variants = ("plain", "ray1")  # one GPU: no second worker to place
         variants += tuple(f"ray{n}@{args.ray_niceness}" for n in (1, 2) if args.ray_niceness is not None)
+        variants += tuple(f"ray{n}@other" for n in (1, 2) if args.ray_other)
         for rep in range(reps):  # interleaved: plain, ray1, ray2, plain, ...
             for v in variants:
                 records.append(run_variant(v, store, root, args, rep))

@@ -18,17 +18,50 @@ from hpc_calo.errors import UserError
 NICENESS_ENV = "RAY_worker_niceness"
 WORKER_NICENESS = "0"
 CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+BATCH_ENV = "HPC_CALO_RAY_BATCH"  # "0": leave the workers' scheduling as Ray does (normal for every thread)
 
 
-def quiet_cleaner() -> None:
+_lowered = False  # in a worker process: setup_worker put its main thread under SCHED_BATCH
+
+
+def setup_worker() -> None:
     """Start-up hook of the worker processes of a cluster started here (``worker_process_setup_hook``).
 
     Ray Train's placement-group cleaner asks the State API, which lives in the dashboard, whether the Train
     controller is still alive, and logs a warning every time it cannot: every few seconds of every run on a
     cluster without a dashboard. It matters only when a controller dies and its cluster lives on; a cluster
-    started here ends with the command.
+    started here ends with the command. The hook keeps it quiet.
+
+    Every Ray worker process also wakes every 10 ms (the core worker's signal check, fixed in Ray), and Ray Train
+    adds half a dozen helper actors that do little else. On cores the ranks fill, each wake-up preempts a rank,
+    and one late rank holds up the others at every all-reduce. The hook puts the main thread, where that check and
+    the actors' code run, and the threads it starts later under SCHED_BATCH, which never preempts on waking (a
+    tick or an idle CPU serves it); the compute of hpc-calo's ranks and sampler actors returns to normal
+    scheduling with :func:`reclaim_cpu`. ``HPC_CALO_RAY_BATCH=0`` in the environment of the command that starts
+    the cluster leaves every thread under normal scheduling.
     """
+    global _lowered
     logging.getLogger(CLEANER_LOGGER).setLevel(logging.ERROR)
+    # Linux only; there pid 0 is the calling thread, and the threads it starts inherit its policy.
+    if hasattr(os, "SCHED_BATCH") and os.environ.get(BATCH_ENV) != "0":
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        _lowered = True
+
+
+def reclaim_cpu() -> None:
+    """Normal scheduling for the calling thread (and the threads it starts) where :func:`setup_worker` lowered
+    its process; elsewhere nothing. A thread may always return from SCHED_BATCH to SCHED_OTHER at its niceness."""
+    if _lowered:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+
+
+def thread_policy() -> str:
+    """The calling thread's scheduling policy, as a worker records it."""
+    if not hasattr(os, "sched_getscheduler"):
+        return "unknown"
+    policy = os.sched_getscheduler(0)
+    names = {getattr(os, f"SCHED_{n.upper()}", None): n for n in ("other", "batch", "idle", "fifo", "rr")}
+    return names.get(policy, str(policy))
 
 
 @contextmanager
@@ -39,8 +72,8 @@ def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[bo
     open. Otherwise ``address`` (``host:port`` or ``auto``) is attached to; without one, ``RAY_ADDRESS`` when it
     is set (inside ``ray job submit``), else a local Ray of ``num_cpus`` CPUs is started in a short temporary
     directory (Ray's AF_UNIX socket paths must stay under 107 bytes) and stopped at the end. A cluster started
-    here has a fixed size, which callers use to refuse requests it can never place, and runs its workers at
-    ``WORKER_NICENESS`` unless ``RAY_worker_niceness`` says otherwise.
+    here has a fixed size, which callers use to refuse requests it can never place, runs its workers at
+    ``WORKER_NICENESS`` unless ``RAY_worker_niceness`` says otherwise, and starts each with :func:`setup_worker`.
     """
     import ray
 
@@ -65,7 +98,7 @@ def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[bo
         os.environ.setdefault(NICENESS_ENV, WORKER_NICENESS)
         try:
             ray.init(include_dashboard=False, _temp_dir=temp_dir, log_to_driver=True,
-                     runtime_env={"worker_process_setup_hook": quiet_cleaner}, **kw)
+                     runtime_env={"worker_process_setup_hook": setup_worker}, **kw)
         finally:
             if before is None:
                 os.environ.pop(NICENESS_ENV, None)

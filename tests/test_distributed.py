@@ -390,5 +390,8 @@ def test_cli_with_workers_and_no_cluster_starts_a_local_ray_and_keeps_ray_noise_
     assert r.returncode == 0, out[-3000:]
     assert json.loads(r.stdout.strip().splitlines()[-1])["global_step"] == 400
     assert "rank 0/1 on cpu" in out
+    # Ray's plumbing in the worker runs SCHED_BATCH, the rank's training thread normally at the driver's niceness.
+    rec = json.loads(rundir.worker_record(rundir.flow_dir(tmp_path / "run", 3), 0).read_text())
+    assert (rec["sched_policy"], rec["niceness"]) == ("other", os.getpriority(os.PRIO_PROCESS, 0))
     assert "Failed to query Ray Train Controller" not in out
     assert "is deprecated" not in out

@@ -25,6 +25,7 @@ from hpc_calo import rundir
 from hpc_calo.errors import UserError
 from hpc_calo.geometry import DS2, DS3, Geometry
 from hpc_calo.io import CaloWriter
+from hpc_calo.ray_session import thread_policy
 from hpc_calo.sample.__main__ import main
 from hpc_calo.sample.gather import gather
 from hpc_calo.sample.parts import PartsDir
@@ -285,12 +286,31 @@ def local_ray():
 
 
 @pytest.mark.integration
-def test_local_ray_runs_its_workers_at_the_drivers_niceness(local_ray) -> None:
+def test_local_ray_runs_its_workers_at_the_drivers_niceness_and_their_plumbing_as_batch(local_ray) -> None:
     # Not Ray's default of 15, below Ray's own processes: with a CPU reserved for every worker, two DDP workers
     # on two cores trained 5 % faster at equal niceness (BENCHMARKS, "Distributed training").
     niceness = local_ray.remote(lambda: os.getpriority(os.PRIO_PROCESS, 0))
     assert local_ray.get(niceness.remote()) == os.getpriority(os.PRIO_PROCESS, 0)
     assert "RAY_worker_niceness" not in os.environ  # the setting went to the cluster, not to this process
+
+    # Every worker process starts under SCHED_BATCH (its 10 ms wake-ups never preempt a rank); a thread that
+    # computes takes normal scheduling back, and the threads it starts inherit it.
+    @local_ray.remote
+    def policies() -> tuple[str, str, str]:
+        import threading
+
+        from hpc_calo.ray_session import reclaim_cpu, thread_policy
+
+        before = thread_policy()
+        reclaim_cpu()
+        child: list[str] = []
+        t = threading.Thread(target=lambda: child.append(thread_policy()))
+        t.start()
+        t.join()
+        return before, thread_policy(), child[0]
+
+    assert local_ray.get(policies.remote()) == ("batch", "other", "other")
+    assert thread_policy() == "other"  # the driver is untouched
 
 
 @pytest.mark.integration

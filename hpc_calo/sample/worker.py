@@ -15,6 +15,7 @@ from hpc_calo import rundir
 from hpc_calo.cpus import torch_threads
 from hpc_calo.digest import files_digest
 from hpc_calo.errors import UserError
+from hpc_calo.ray_session import reclaim_cpu
 from hpc_calo.sample.parts import PartsDir
 from hpc_calo.sample.plan import Plan, Request
 
@@ -57,6 +58,7 @@ class Worker:
     """Holds one loaded chain; ``run(i)`` generates shard ``i`` and records its part. Returns the count."""
 
     def __init__(self, plan: Plan, parts_dir: Path, chain: Any = None, device: str | None = None) -> None:
+        reclaim_cpu()  # a Ray actor runs its methods in this thread: the shards' compute
         self.plan = plan
         self.parts = PartsDir(parts_dir)
         self.threads = torch_threads(plan.request.threads)

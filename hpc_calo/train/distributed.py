@@ -43,7 +43,7 @@ from torch import nn
 
 from hpc_calo import rundir
 from hpc_calo.errors import UserError
-from hpc_calo.ray_session import ray_session
+from hpc_calo.ray_session import ray_session, reclaim_cpu, thread_policy
 from hpc_calo.train.config import TrainConfig
 from hpc_calo.train.loop import finished, fit
 
@@ -128,6 +128,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     job: TrainJob = config["job"]
     ray_cfg: RayConfig = config["ray"]
+    reclaim_cpu()  # this thread is the rank's compute; Ray's plumbing in this process stays SCHED_BATCH
     ctx = ray.train.get_context()
     device = _device(ray_cfg)
 
@@ -166,6 +167,7 @@ def fit_shard(job: TrainJob, ray_cfg: RayConfig, rank: int, world: int, device: 
         "rank": rank, "world_size": world, "pid": os.getpid(), "host": socket.gethostname(),
         "device": str(device), "steps_per_epoch": len(train), "loader_mode": mode, "shard": shard,
         "items": getattr(train, "n_items", None), "batch_size": getattr(train, "batch_size", None),
+        "sched_policy": thread_policy(), "niceness": os.getpriority(os.PRIO_PROCESS, 0),
     })
     # One line per rank at start-up (which share, preloaded or streamed); progress lines come from rank 0 only.
     print(f"[{cfg.name}] rank {rank}/{world} on {device}: showers {shard[0]}..{shard[1]} of the train split, "
