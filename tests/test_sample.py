@@ -294,22 +294,25 @@ def test_local_ray_runs_its_workers_at_the_drivers_niceness_and_their_plumbing_a
     assert "RAY_worker_niceness" not in os.environ  # the setting went to the cluster, not to this process
 
     # Every worker process starts under SCHED_BATCH (its 10 ms wake-ups never preempt a rank); a thread that
-    # computes takes normal scheduling back, and the threads it starts inherit it.
+    # computes takes normal scheduling back, and the threads it starts inherit it. An actor has a fresh process.
     @local_ray.remote
-    def policies() -> tuple[str, str, str]:
-        import threading
+    class Probe:
+        def policies(self) -> tuple[str, str, str]:
+            import threading
 
-        from hpc_calo.ray_session import reclaim_cpu, thread_policy
+            from hpc_calo.ray_session import reclaim_cpu, thread_policy
 
-        before = thread_policy()
-        reclaim_cpu()
-        child: list[str] = []
-        t = threading.Thread(target=lambda: child.append(thread_policy()))
-        t.start()
-        t.join()
-        return before, thread_policy(), child[0]
+            before = thread_policy()
+            reclaim_cpu()
+            child: list[str] = []
+            t = threading.Thread(target=lambda: child.append(thread_policy()))
+            t.start()
+            t.join()
+            return before, thread_policy(), child[0]
 
-    assert local_ray.get(policies.remote()) == ("batch", "other", "other")
+    probe = Probe.remote()
+    assert local_ray.get(probe.policies.remote()) == ("batch", "other", "other")
+    local_ray.kill(probe)
     assert thread_policy() == "other"  # the driver is untouched
 
 
