@@ -22,8 +22,8 @@ variant, measured side by side in one run, interleaved and repeated (the box is 
 
 Each Ray run starts its own local Ray the way every hpc-calo command does (``hpc_calo.ray_session``: workers at
 niceness 0, Ray's threads in them under SCHED_BATCH, the ranks' compute normal); its start is part of the start-up
-time. ``preemptions_per_s_rank0`` counts the involuntary context
-switches of rank 0's process per second of ``fit``: how often something else took its CPU.
+time. ``preemptions_per_s_rank0`` counts the involuntary context switches of rank 0's process per second of
+``fit``: how often something else took its CPU.
 
 samples/s counts the training examples (layer pairs) of the optimiser steps over the time ``fit`` spent in its
 loop (``train_s``, which excludes Ray start-up); the fixed cost of starting a worker group is reported apart
