@@ -316,6 +316,19 @@ def test_local_ray_runs_its_workers_at_the_drivers_niceness_and_their_plumbing_a
     assert thread_policy() == "other"  # the driver is untouched
 
 
+def test_a_worker_that_may_not_change_its_scheduling_starts_as_ray_started_it(monkeypatch) -> None:
+    from hpc_calo import ray_session
+
+    def forbidden(*_: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", forbidden)
+    monkeypatch.setattr(ray_session, "_lowered", False)
+    ray_session.setup_worker()  # no error: the hook must never stop a worker from starting
+    assert ray_session._lowered is False
+    ray_session.reclaim_cpu()  # and nothing to take back
+
+
 @pytest.mark.integration
 def test_ray_and_mpi_match_local_bit_for_bit(reference: Path, tiny_run: Path, tmp_path: Path, local_ray) -> None:
     ray_out = tmp_path / "ray.h5"
