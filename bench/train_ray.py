@@ -53,6 +53,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 from bench.report import emit
 from hpc_calo.errors import run_cli
@@ -152,16 +153,10 @@ def run_variant(name: str, store: Path, root: Path, args: argparse.Namespace, re
     elif not name.startswith("ray"):
         summary = run_children(name, store, out, args)
     else:  # a Ray of its own for each run: ``rayN@K`` runs Ray's workers at niceness K, ``rayN@other`` normally
-        tag, saved = name.partition("@")[2], dict(os.environ)
-        os.environ[NICENESS_ENV] = tag if tag.isdigit() else WORKER_NICENESS
-        if tag == "other":
-            os.environ[BATCH_ENV] = "0"
-        try:
-            with ray_session(None, num_cpus=2):
-                summary = run_ray(j, RayConfig(workers=j_workers(name), gpus_per_worker=args.gpus_per_worker))
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
+        tag = name.partition("@")[2]
+        env = {NICENESS_ENV: tag if tag.isdigit() else WORKER_NICENESS, **({BATCH_ENV: "0"} if tag == "other" else {})}
+        with patch.dict(os.environ, env), ray_session(None, num_cpus=2):
+            summary = run_ray(j, RayConfig(workers=j_workers(name), gpus_per_worker=args.gpus_per_worker))
     wall = time.perf_counter() - t
     shutil.rmtree(out, ignore_errors=True)
     samples = summary["global_step"] * args.batch  # every step is a full global batch (steps < one epoch)
