@@ -16,14 +16,14 @@ variant, measured side by side in one run, interleaved and repeated (the box is 
   ``ray2 / ddp2`` what Ray Train adds to it.
 
 - ``ray1@K``, ``ray2@K`` (``--ray-niceness K``): ``ray1`` and ``ray2`` with Ray's workers at niceness K;
-- ``ray1@other``, ``ray2@other`` (``--ray-other``): ``ray1`` and ``ray2`` with every thread of Ray's workers under
-  normal scheduling (``HPC_CALO_RAY_BATCH=0``), Ray's helper actors and the workers' own Ray threads included.
+- ``ray1@other``, ``ray2@other`` (``--ray-other``): ``ray1`` and ``ray2`` with every thread of Ray under normal
+  scheduling (``HPC_CALO_RAY_BATCH=0``): the daemons, the helper actors and the workers' own Ray threads.
   ``HPC_CALO_RAY_BATCH=0`` in the bench's own environment does that for every Ray variant.
 
 Each Ray run starts its own local Ray the way every hpc-calo command does (``hpc_calo.ray_session``: workers at
-niceness 0, Ray's threads in them under SCHED_BATCH, the ranks' compute normal); its start is part of the start-up
-time. ``preemptions_per_s_rank0`` counts the involuntary context switches of rank 0's process per second of
-``fit``: how often something else took its CPU.
+niceness 0, Ray's daemons and Ray's threads in the workers under SCHED_BATCH, the ranks' compute normal); its
+start is part of the start-up time. ``preemptions_per_s_rank0`` counts the involuntary context switches of rank
+0's process per second of ``fit``: how often something else took its CPU.
 
 samples/s counts the training examples (layer pairs) of the optimiser steps over the time ``fit`` spent in its
 loop (``train_s``, which excludes Ray start-up); the fixed cost of starting a worker group is reported apart
@@ -193,8 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="also run ray1@K and ray2@K: Ray's workers at niceness K (Ray's own default is 15) instead "
                         "of hpc-calo's 0")
     p.add_argument("--ray-other", action="store_true",
-                   help="also run ray1@other and ray2@other: every thread of Ray's workers under normal scheduling "
-                        "instead of hpc-calo's SCHED_BATCH for Ray's own threads")
+                   help="also run ray1@other and ray2@other: every thread of Ray under normal scheduling instead of "
+                        "hpc-calo's SCHED_BATCH for Ray's daemons and Ray's own threads in the workers")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     args.steps = args.steps or (15 if args.quick else 300)

@@ -24,6 +24,33 @@ BATCH_ENV = "HPC_CALO_RAY_BATCH"  # "0": leave the workers' scheduling as Ray do
 _lowered = False  # in a worker process: setup_worker put its main thread under SCHED_BATCH
 
 
+def _batch_wanted() -> bool:
+    return hasattr(os, "SCHED_BATCH") and os.environ.get(BATCH_ENV) != "0"  # Linux only
+
+
+@contextmanager
+def _daemons_as_batch() -> Iterator[None]:
+    """Start the local cluster's daemons under SCHED_BATCH: they inherit the policy of the thread that starts them.
+
+    The GCS, the raylet and its agents (and every worker the raylet forks) wake hundreds of times a second between
+    them, each wake-up a preemption of a rank on cores the ranks fill. The calling thread returns to its own
+    policy at the end, and so does nothing else of this process: the threads ``ray.init`` starts here only wait.
+    """
+    if not _batch_wanted():
+        yield
+        return
+    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except OSError:  # a sandbox that forbids the call: the cluster starts as Ray starts it
+        yield
+        return
+    try:
+        yield
+    finally:
+        os.sched_setscheduler(0, policy, param)
+
+
 def setup_worker() -> None:
     """Start-up hook of the worker processes of a cluster started here (``worker_process_setup_hook``).
 
@@ -42,8 +69,8 @@ def setup_worker() -> None:
     """
     global _lowered
     logging.getLogger(CLEANER_LOGGER).setLevel(logging.ERROR)
-    # Linux only; there pid 0 is the calling thread, and the threads it starts inherit its policy.
-    if hasattr(os, "SCHED_BATCH") and os.environ.get(BATCH_ENV) != "0":
+    # pid 0 is the calling thread, and the threads it starts inherit its policy.
+    if _batch_wanted():
         try:
             os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
         except OSError:  # a sandbox that forbids the call: the worker runs as Ray started it
@@ -76,7 +103,8 @@ def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[bo
     is set (inside ``ray job submit``), else a local Ray of ``num_cpus`` CPUs is started in a short temporary
     directory (Ray's AF_UNIX socket paths must stay under 107 bytes) and stopped at the end. A cluster started
     here has a fixed size, which callers use to refuse requests it can never place, runs its workers at
-    ``WORKER_NICENESS`` unless ``RAY_worker_niceness`` says otherwise, and starts each with :func:`setup_worker`.
+    ``WORKER_NICENESS`` unless ``RAY_worker_niceness`` says otherwise, starts each with :func:`setup_worker`, and
+    runs its daemons under SCHED_BATCH (:func:`_daemons_as_batch`).
     """
     import ray
 
@@ -100,8 +128,9 @@ def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[bo
         before = os.environ.get(NICENESS_ENV)
         os.environ.setdefault(NICENESS_ENV, WORKER_NICENESS)
         try:
-            ray.init(include_dashboard=False, _temp_dir=temp_dir, log_to_driver=True,
-                     runtime_env={"worker_process_setup_hook": setup_worker}, **kw)
+            with _daemons_as_batch():
+                ray.init(include_dashboard=False, _temp_dir=temp_dir, log_to_driver=True,
+                         runtime_env={"worker_process_setup_hook": setup_worker}, **kw)
         finally:
             if before is None:
                 os.environ.pop(NICENESS_ENV, None)

@@ -286,7 +286,7 @@ def local_ray():
 
 
 @pytest.mark.integration
-def test_local_ray_runs_its_workers_at_the_drivers_niceness_and_their_plumbing_as_batch(local_ray) -> None:
+def test_local_ray_runs_its_workers_at_the_drivers_niceness_and_its_plumbing_as_batch(local_ray) -> None:
     # Not Ray's default of 15, below Ray's own processes: with a CPU reserved for every worker, two DDP workers
     # on two cores trained 5 % faster at equal niceness (BENCHMARKS, "Distributed training").
     niceness = local_ray.remote(lambda: os.getpriority(os.PRIO_PROCESS, 0))
@@ -313,10 +313,16 @@ def test_local_ray_runs_its_workers_at_the_drivers_niceness_and_their_plumbing_a
     probe = Probe.remote()
     assert local_ray.get(probe.policies.remote()) == ("batch", "other", "other")
     local_ray.kill(probe)
-    assert thread_policy() == "other"  # the driver is untouched
+    assert thread_policy() == "other"  # the driver's own thread is back to normal
+
+    # The cluster's daemons (GCS, raylet and its agents) started from a thread under SCHED_BATCH.
+    import psutil  # a dependency of Ray
+
+    daemons = {p.name(): p.pid for p in psutil.Process().children(recursive=True)}
+    assert {os.sched_getscheduler(daemons[name]) for name in ("gcs_server", "raylet")} == {os.SCHED_BATCH}, daemons
 
 
-def test_a_worker_that_may_not_change_its_scheduling_starts_as_ray_started_it(monkeypatch) -> None:
+def test_a_sandbox_that_forbids_changing_the_scheduling_leaves_ray_as_it_starts(monkeypatch) -> None:
     from hpc_calo import ray_session
 
     def forbidden(*_: object) -> None:
@@ -327,6 +333,21 @@ def test_a_worker_that_may_not_change_its_scheduling_starts_as_ray_started_it(mo
     ray_session.setup_worker()  # no error: the hook must never stop a worker from starting
     assert ray_session._lowered is False
     ray_session.reclaim_cpu()  # and nothing to take back
+    before = ray_session.thread_policy()
+    with ray_session._daemons_as_batch():  # nor the start of a local cluster
+        assert ray_session.thread_policy() == before
+
+
+def test_a_local_cluster_starts_from_a_batch_thread_that_then_returns_to_its_policy(monkeypatch) -> None:
+    from hpc_calo import ray_session
+
+    before = ray_session.thread_policy()
+    with ray_session._daemons_as_batch():
+        assert ray_session.thread_policy() == "batch"
+    assert ray_session.thread_policy() == before
+    monkeypatch.setenv(ray_session.BATCH_ENV, "0")
+    with ray_session._daemons_as_batch():
+        assert ray_session.thread_policy() == before
 
 
 @pytest.mark.integration
