@@ -18,7 +18,7 @@ from hpc_calo.errors import UserError
 NICENESS_ENV = "RAY_worker_niceness"
 WORKER_NICENESS = "0"
 CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
-BATCH_ENV = "HPC_CALO_RAY_BATCH"  # "0": leave the workers' scheduling as Ray does (normal for every thread)
+BATCH_ENV = "HPC_CALO_RAY_BATCH"  # "0": leave Ray's scheduling as Ray does (normal for every thread)
 
 
 _lowered = False  # in a worker process: setup_worker put its main thread under SCHED_BATCH
@@ -34,7 +34,7 @@ def _daemons_as_batch() -> Iterator[None]:
 
     The GCS, the raylet and its agents (and every worker the raylet forks) wake hundreds of times a second between
     them, each wake-up a preemption of a rank on cores the ranks fill. The calling thread returns to its own
-    policy at the end, and so does nothing else of this process: the threads ``ray.init`` starts here only wait.
+    policy at the end; the threads ``ray.init`` starts in this process keep SCHED_BATCH, as they only wait.
     """
     if not _batch_wanted():
         yield
