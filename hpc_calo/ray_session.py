@@ -24,8 +24,16 @@ BATCH_ENV = "HPC_CALO_RAY_BATCH"  # "0": leave Ray's scheduling as Ray does (nor
 _lowered = False  # in a worker process: setup_worker put its main thread under SCHED_BATCH
 
 
-def _batch_wanted() -> bool:
-    return hasattr(os, "SCHED_BATCH") and os.environ.get(BATCH_ENV) != "0"  # Linux only
+def _lower() -> bool:
+    """Put the calling thread, and the threads it starts later, under SCHED_BATCH; True when it did. Not with
+    ``HPC_CALO_RAY_BATCH=0``, off Linux, or in a sandbox that forbids the call (Ray then runs as it starts)."""
+    if not hasattr(os, "SCHED_BATCH") or os.environ.get(BATCH_ENV) == "0":
+        return False
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))  # pid 0: the calling thread
+    except OSError:
+        return False
+    return True
 
 
 @contextmanager
@@ -36,19 +44,13 @@ def _daemons_as_batch() -> Iterator[None]:
     them, each wake-up a preemption of a rank on cores the ranks fill. The calling thread returns to its own
     policy at the end; the threads ``ray.init`` starts in this process keep SCHED_BATCH, as they only wait.
     """
-    if not _batch_wanted():
-        yield
-        return
-    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
-    try:
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-    except OSError:  # a sandbox that forbids the call: the cluster starts as Ray starts it
-        yield
-        return
+    before = (os.sched_getscheduler(0), os.sched_getparam(0)) if hasattr(os, "sched_getscheduler") else None
+    lowered = _lower()
     try:
         yield
     finally:
-        os.sched_setscheduler(0, policy, param)
+        if lowered and before is not None:
+            os.sched_setscheduler(0, *before)
 
 
 def setup_worker() -> None:
@@ -69,13 +71,7 @@ def setup_worker() -> None:
     """
     global _lowered
     logging.getLogger(CLEANER_LOGGER).setLevel(logging.ERROR)
-    # pid 0 is the calling thread, and the threads it starts inherit its policy.
-    if _batch_wanted():
-        try:
-            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-        except OSError:  # a sandbox that forbids the call: the worker runs as Ray started it
-            return
-        _lowered = True
+    _lowered = _lower()
 
 
 def reclaim_cpu() -> None:
